@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs the project (first run only) and runs the main job on the embedded default.
+# Extra arguments go to the experiment, e.g. `bash scripts/reproduce.sh --quick`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+exec .venv/bin/python -m experiments.theorem1_demo "$@"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv and installs taskvec_jax with the given extras; idempotent.
+# Usage: bash scripts/setup.sh [extras]    (default extras: test)
+# Re-installs only when pyproject.toml or the extras change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-test}"
+venv=".venv"
+stamp="$venv/.taskvec_jax-installed"
+want="$(sha256sum pyproject.toml | cut -c1-16)-$extras"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+python3 -m venv "$venv" 2>/dev/null || python3 -m venv --without-pip "$venv"
+if [ ! -x "$venv/bin/uv" ]; then
+  "$venv/bin/python" -m pip install -q --upgrade pip uv >&2 || true
+fi
+if [ -x "$venv/bin/uv" ]; then
+  VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --compile-bytecode -e ".[$extras]" >&2
+else
+  "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
+fi
+echo "$want" > "$stamp"

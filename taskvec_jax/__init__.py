@@ -1,0 +1,41 @@
+"""taskvec_jax: task vectors, model merging and the theory of task arithmetic, in JAX.
+
+Reference implementation of Zhou et al., "On Task Vectors and Gradients"
+(arXiv 2508.16082): a task vector from one epoch of full-batch gradient descent is
+``-eta * grad L(theta_0)``, so task arithmetic after one epoch is one step of multitask
+gradient descent; after ``k`` epochs they differ by ``eta^2 * C_k + O(eta^3)``.
+
+The public surface::
+
+    import taskvec_jax as tvj
+    tau   = tvj.task_vector(finetuned, base)
+    theta = tvj.apply(base, tau, alpha=1.0)
+    traj  = tvj.finetune(loss_fn, params, data, optax.sgd(lr), num_epochs)
+    trajs = tvj.finetune_tasks(loss_fn, params, task_datasets, optax.sgd(lr), num_epochs)
+    mt    = tvj.multitask_finetune(loss_fn, params, task_datasets, optax.sgd(lr), k)
+    tvj.tree.cosine(tau_1, tau_2)
+"""
+
+from taskvec_jax import checkpoint, models, tree
+from taskvec_jax.finetune import (
+    Trajectory,
+    finetune,
+    finetune_tasks,
+    mean_value_and_grad,
+    multitask_finetune,
+    num_examples,
+)
+from taskvec_jax.task_vectors import (
+    apply,
+    check_compatible,
+    check_task_vectors,
+    task_vector,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Trajectory", "apply", "check_compatible", "check_task_vectors", "checkpoint",
+    "finetune", "finetune_tasks", "mean_value_and_grad", "models",
+    "multitask_finetune", "num_examples", "task_vector", "tree",
+]

@@ -1,0 +1,16 @@
+"""Flax models and the helpers that turn them into ``loss_fn(params, batch)``."""
+
+from taskvec_jax.models.cnn import CNN
+from taskvec_jax.models.losses import (
+    LOSSES,
+    accuracy,
+    apply_fn_of,
+    cross_entropy,
+    make_loss_fn,
+    mse,
+)
+from taskvec_jax.models.mlp import ACTIVATIONS, MLP, get_activation
+from taskvec_jax.models.vit import ViT
+
+__all__ = ["ACTIVATIONS", "CNN", "LOSSES", "MLP", "ViT", "accuracy", "apply_fn_of",
+           "cross_entropy", "get_activation", "make_loss_fn", "mse"]
