@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from taskvec_jax import finetune as finetune_lib
+from taskvec_jax.finetune import _check_positive_int, finetune
 
 PyTree = Any
 
@@ -138,8 +138,8 @@ def resumable_finetune(
     Raises:
       ValueError: if the checkpoint is past ``num_epochs`` or was made with another key.
     """
-    finetune_lib._check_positive_int(save_every, "save_every")
-    finetune_lib._check_positive_int(num_epochs, "num_epochs")
+    _check_positive_int(save_every, "save_every")
+    _check_positive_int(num_epochs, "num_epochs")
     for name in ("keep_epochs", "record_gradients", "opt_state", "start_epoch"):
         if name in finetune_kwargs:
             raise ValueError(f"resumable_finetune manages {name} itself")
@@ -170,7 +170,7 @@ def resumable_finetune(
             losses = list(log["losses"])
         while state.epoch < num_epochs:
             seg = min(save_every, num_epochs - state.epoch)
-            traj = finetune_lib.finetune(
+            traj = finetune(
                 loss_fn, state.params, data, optimizer, seg, key=key,
                 opt_state=state.opt_state, start_epoch=state.epoch, keep_epochs=[seg],
                 record_gradients=False, **finetune_kwargs)

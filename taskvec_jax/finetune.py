@@ -97,6 +97,11 @@ class _Config:
     keep_start: bool                # relative epoch 0 is kept (in slot 0)
     record_gradients: bool
     progress: int                   # print every `progress` epochs; 0 = off
+    # Set only inside taskvec_jax.parallel's shard_map: the mesh axis over which each
+    # full-batch gradient is split (datasets are then (body, tail) pairs, see
+    # `_dataset_value_and_grad`), and the axis over which a multitask loss is summed.
+    data_axis: str | None = None
+    multitask_axis: str | None = None
 
 
 # --------------------------------------------------------------------------- validation
@@ -234,12 +239,46 @@ def _optimizer_step(cfg: _Config, params, opt_state, grad):
     return optax.apply_updates(params, updates), opt_state
 
 
+def _dataset_value_and_grad(cfg: _Config, params, data):
+    """Mean loss and gradient over one dataset, split across ``cfg.data_axis`` if set.
+
+    Data-parallel form: ``data = (body, tail)`` where each device holds ``m`` rows of the
+    body and every device holds the same ``r`` tail rows (``N = m * D + r``). Then
+    ``grad = psum((m / N) * grad mean_body) + (r / N) * grad mean_tail``, which equals the
+    gradient of the mean over all ``N`` examples for any ``N``.
+    """
+    if cfg.data_axis is None:
+        return mean_value_and_grad(cfg.loss_fn, params, data, cfg.microbatch_size)
+    body, tail = data
+    m = jax.tree.leaves(body)[0].shape[0]
+    r = jax.tree.leaves(tail)[0].shape[0]
+    n = m * jax.lax.axis_size(cfg.data_axis) + r
+    parts = []
+    if m:
+        loss, grad = mean_value_and_grad(cfg.loss_fn, params, body, cfg.microbatch_size)
+        parts.append(jax.lax.psum((loss * (m / n), tree_lib.scale(m / n, grad)),
+                                  cfg.data_axis))
+    if r:
+        loss, grad = mean_value_and_grad(cfg.loss_fn, params, tail, cfg.microbatch_size)
+        parts.append((loss * (r / n), tree_lib.scale(r / n, grad)))
+    return jax.tree.map(jnp.add, *parts) if len(parts) == 2 else parts[0]
+
+
 def _full_batch_epoch(cfg: _Config, params, opt_state, datasets, weights, epoch_key):
     del epoch_key  # full-batch GD is deterministic
-    results = [mean_value_and_grad(cfg.loss_fn, params, d, cfg.microbatch_size)
-               for d in datasets]
-    loss = _weighted([r[0] for r in results], weights)
-    grad = _weighted([r[1] for r in results], weights)
+    if cfg.multitask_axis is None:
+        results = [_dataset_value_and_grad(cfg, params, d) for d in datasets]
+        loss = _weighted([r[0] for r in results], weights)
+        grad = _weighted([r[1] for r in results], weights)
+    else:
+        # Sharded multitask: this device's tasks are stacked along axis 0 of datasets[0]
+        # and weighted by the local slice of `weights` (0 for padding tasks).
+        losses, grads = jax.vmap(lambda d: _dataset_value_and_grad(cfg, params, d))(
+            datasets[0])
+        loss, grad = jax.lax.psum(
+            (jnp.tensordot(weights, losses, 1),
+             jax.tree.map(lambda g: jnp.tensordot(weights, g, 1), grads)),
+            cfg.multitask_axis)
     params, opt_state = _optimizer_step(cfg, params, opt_state, grad)
     return params, opt_state, loss, grad
 
@@ -440,6 +479,16 @@ def finetune(
                       grads, opt_state)
 
 
+def _check_task_list(task_datasets) -> None:
+    if isinstance(task_datasets, dict) or not isinstance(task_datasets, Sequence):
+        raise ValueError("task_datasets must be a sequence of datasets (one per task), "
+                         f"got {type(task_datasets).__name__}")
+    if len(task_datasets) == 0:
+        raise ValueError("task_datasets is empty: pass at least one task's data")
+    for t, d in enumerate(task_datasets):
+        num_examples(d, name=f"task {t}")
+
+
 def _signature(data: PyTree):
     leaves, treedef = jax.tree.flatten(data)
     return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
@@ -453,6 +502,7 @@ def finetune_tasks(
     num_epochs: int,
     *,
     key: jax.Array | None = None,
+    mesh: Any = None,
     **kwargs,
 ) -> list[Trajectory]:
     """Finetunes the same ``params`` separately on each task; one trajectory per task.
@@ -468,16 +518,22 @@ def finetune_tasks(
       loss_fn, params, optimizer, num_epochs: as in :func:`finetune`.
       task_datasets: a sequence of datasets, one per task.
       key: PRNG key for minibatch shuffling.
+      mesh: a ``(tasks, data)`` mesh from :func:`taskvec_jax.parallel.make_mesh`: tasks
+        are spread over ``tasks`` (padded to a multiple of its size) and each full-batch
+        gradient is split over ``data``. All tasks must then share data shapes.
       **kwargs: any other keyword argument of :func:`finetune`.
 
     Returns:
       A list of :class:`Trajectory`, in task order.
     """
-    if isinstance(task_datasets, dict) or not isinstance(task_datasets, Sequence):
-        raise ValueError("task_datasets must be a sequence of datasets (one per task), "
-                         f"got {type(task_datasets).__name__}")
-    if len(task_datasets) == 0:
-        raise ValueError("task_datasets is empty: pass at least one task's data")
+    if mesh is not None:
+        from taskvec_jax import parallel
+        _check_task_list(task_datasets)
+        stacked, t = parallel.stack_tasks(task_datasets, parallel._check_mesh(mesh)[0])
+        traj = parallel.finetune_stacked(loss_fn, params, stacked, optimizer, num_epochs,
+                                         mesh, key=key, **kwargs)
+        return parallel.unstack_trajectory(traj, t)
+    _check_task_list(task_datasets)
     _check_params(params)
     sizes = [num_examples(d, name=f"task {t}") for t, d in enumerate(task_datasets)]
     names = [f"task {t}" for t in range(len(task_datasets))]
@@ -530,6 +586,7 @@ def multitask_finetune(
     num_epochs: int,
     *,
     weights: Sequence[float] | jax.Array | None = None,
+    mesh: Any = None,
     **kwargs,
 ) -> Trajectory:
     """Gradient descent on the multitask loss ``L_MT = sum_t w_t L_t`` (``w_t = 1`` default).
@@ -546,16 +603,26 @@ def multitask_finetune(
       loss_fn, params, optimizer, num_epochs: as in :func:`finetune`.
       task_datasets: a sequence of datasets, one per task (shapes may differ).
       weights: optional per-task weights ``w_t``.
+      mesh: a ``(tasks, data)`` mesh (full batch only): each device computes its tasks'
+        gradients on its share of the examples, and ``psum`` assembles ``grad L_MT``.
       **kwargs: any other keyword argument of :func:`finetune`.
 
     Returns:
       A :class:`Trajectory`.
     """
-    if isinstance(task_datasets, dict) or not isinstance(task_datasets, Sequence):
-        raise ValueError("task_datasets must be a sequence of datasets (one per task), "
-                         f"got {type(task_datasets).__name__}")
-    if len(task_datasets) == 0:
-        raise ValueError("task_datasets is empty: pass at least one task's data")
+    if mesh is not None:
+        from taskvec_jax import parallel
+        _check_task_list(task_datasets)
+        nt, _ = parallel._check_mesh(mesh)
+        stacked, t = parallel.stack_tasks(task_datasets, nt)
+        w = jnp.ones(t) if weights is None else jnp.asarray(weights)
+        if w.shape != (t,):
+            raise ValueError(f"weights must have one entry per task ({t}), got shape "
+                             f"{w.shape}")
+        w = jnp.concatenate([w, jnp.zeros(-t % nt, w.dtype)])
+        return parallel.multitask_stacked(loss_fn, params, stacked, optimizer, num_epochs,
+                                          mesh, weights=w, **kwargs)
+    _check_task_list(task_datasets)
     _check_params(params)
     sizes = [num_examples(d, name=f"task {t}") for t, d in enumerate(task_datasets)]
     names = [f"task {t}" for t in range(len(task_datasets))]

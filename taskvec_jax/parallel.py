@@ -1,0 +1,293 @@
+"""Tasks and data across devices and hosts, with JAX's own sharding machinery.
+
+The natural parallelism of task-vector research is two-dimensional: ``T`` finetunes that
+never talk to each other (a ``tasks`` mesh axis) and one full-batch gradient per task over
+a dataset that may not fit one device (a ``data`` axis). :func:`make_mesh` builds that mesh
+from whatever devices exist; :func:`finetune_stacked` / :func:`multitask_stacked` run the
+finetuning engine under ``jax.shard_map`` on it:
+
+* tasks are spread over ``tasks``; a task count that the axis does not divide is padded with
+  copies of the last task, whose results are dropped (finetune) or weighted by zero
+  (multitask), so results do not change;
+* in full-batch mode each task's examples are split over ``data``: every device holds
+  ``m = N // D`` rows and the ``r = N % D`` leftover rows are held by all of them, and the
+  gradient is ``psum((m/N) grad mean_local) + (r/N) grad mean_leftover`` -- exactly the
+  gradient of the mean over all ``N`` examples (see ``finetune._dataset_value_and_grad``).
+  In minibatch mode data are replicated over ``data`` (each step's batch is small).
+
+``tvj.finetune_tasks(..., mesh=mesh)`` and ``tvj.multitask_finetune(..., mesh=mesh)`` call
+these after stacking the per-task datasets (tasks must then share shapes).
+
+Multi-host: call :func:`initialize` first on every host (``jax.distributed``), load only the
+tasks :func:`process_task_indices` names for this host, assemble the global ``[T, N, ...]``
+arrays with :func:`global_task_array`, and pass them to :func:`finetune_stacked`.
+Checkpoint sharded results with :mod:`taskvec_jax.checkpoint` (orbax writes each shard from
+the host that owns it and restores into the shardings of ``like``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from taskvec_jax.finetune import (  # the engine's internals, shared on purpose
+    Trajectory,
+    _Config,
+    _check_loss_fn,
+    _check_params,
+    _check_positive_int,
+    _kept_epochs,
+    _make_config,
+    _run,
+    _signature,
+    num_examples,
+)
+from taskvec_jax import tree as tree_lib
+
+PyTree = Any
+TASKS = "tasks"
+DATA = "data"
+
+
+def make_mesh(num_task_shards: int | None = None, num_data_shards: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 2-D ``(tasks, data)`` mesh over ``devices`` (default: all of ``jax.devices()``).
+
+    Args:
+      num_task_shards: size of the ``tasks`` axis (default: all devices not used by data).
+      num_data_shards: size of the ``data`` axis.
+      devices: the devices to use; the first ``tasks * data`` of them are taken.
+
+    Raises:
+      ValueError: if the requested shape needs more devices than there are.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    _check_positive_int(num_data_shards, "num_data_shards")
+    if num_task_shards is None:
+        num_task_shards = max(1, len(devices) // num_data_shards)
+    _check_positive_int(num_task_shards, "num_task_shards")
+    need = num_task_shards * num_data_shards
+    if need > len(devices):
+        raise ValueError(f"a ({num_task_shards} tasks x {num_data_shards} data) mesh needs "
+                         f"{need} devices; only {len(devices)} are available")
+    return jax.make_mesh((num_task_shards, num_data_shards), (TASKS, DATA),
+                         axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices[:need])
+
+
+def _check_mesh(mesh: Mesh) -> tuple[int, int]:
+    if not isinstance(mesh, Mesh) or set(mesh.axis_names) != {TASKS, DATA}:
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with axes ('{TASKS}', '{DATA}')"
+                         " (see taskvec_jax.parallel.make_mesh), got "
+                         f"{getattr(mesh, 'axis_names', type(mesh).__name__)}")
+    return mesh.shape[TASKS], mesh.shape[DATA]
+
+
+def stack_tasks(task_datasets: Sequence[PyTree], num_task_shards: int
+                ) -> tuple[PyTree, int]:
+    """Stacks equal-shaped task datasets to ``[T_pad, N, ...]``, padding with the last task.
+
+    Returns:
+      ``(stacked, T)``; ``T_pad`` is ``T`` rounded up to a multiple of ``num_task_shards``.
+
+    Raises:
+      ValueError: naming the first task whose data shapes differ from task 0's.
+    """
+    first = _signature(task_datasets[0])
+    for t, d in enumerate(task_datasets):
+        if _signature(d) != first:
+            shapes = jax.tree.map(jnp.shape, d)
+            raise ValueError(
+                f"sharding tasks needs equal data shapes; task {t} has {shapes}, task 0 has "
+                f"{jax.tree.map(jnp.shape, task_datasets[0])} (run such tasks without "
+                "mesh=, or pad them to one size)")
+    t = len(task_datasets)
+    padded = list(task_datasets) + [task_datasets[-1]] * (-t % num_task_shards)
+    return tree_lib.stack(padded), t
+
+
+def _split_rows(stacked: PyTree, num_data_shards: int):
+    """``[T, N, ...]`` -> (body ``[T, m*D, ...]``, tail ``[T, r, ...]``), ``N = m*D + r``."""
+    n = jax.tree.leaves(stacked)[0].shape[1]
+    cut = (n // num_data_shards) * num_data_shards
+    return (jax.tree.map(lambda x: x[:, :cut], stacked),
+            jax.tree.map(lambda x: x[:, cut:], stacked))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(cfg: _Config, mesh: Mesh, kind: str):
+    """One jitted shard_map program per (configuration, mesh, kind); cached."""
+    nd = mesh.shape[DATA]
+    full_batch = cfg.batch_size is None
+    data_spec = (P(TASKS, DATA), P(TASKS)) if full_batch else P(TASKS)
+
+    if kind == "tasks":
+        def local(params, opt_state, data, keys, start):
+            run = lambda d, k: _run(params, opt_state, (d,), None, k, start, cfg)  # noqa: E731
+            return jax.vmap(run, in_axes=(0, None if keys is None else 0))(data, keys)
+
+        def program(params, opt_state, stacked, keys, start):
+            data = _split_rows(stacked, nd) if full_batch else stacked
+            return jax.shard_map(
+                local, mesh=mesh, check_vma=False,
+                in_specs=(P(), P(), data_spec, None if keys is None else P(TASKS), P()),
+                out_specs=P(TASKS))(params, opt_state, data, keys, start)
+    else:
+        def local(params, opt_state, data, weights, start):
+            return _run(params, opt_state, (data,), weights, None, start, cfg)
+
+        def program(params, opt_state, stacked, weights, start):
+            data = _split_rows(stacked, nd)
+            return jax.shard_map(
+                local, mesh=mesh, check_vma=False,
+                in_specs=(P(), P(), data_spec, P(TASKS), P()),
+                out_specs=P())(params, opt_state, data, weights, start)
+
+    return jax.jit(program)
+
+
+def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
+                     optimizer: optax.GradientTransformation, num_epochs: int,
+                     mesh: Mesh, *, key: jax.Array | None = None, opt_state: Any = None,
+                     start_epoch: int = 0, **kwargs) -> Trajectory:
+    """Independent finetunes of ``params`` on ``T`` stacked tasks, sharded over ``mesh``.
+
+    ``stacked_data`` leaves are ``[T, N, ...]`` (host arrays, or global jax Arrays built by
+    :func:`global_task_array` on several hosts); ``T`` must be a multiple of the ``tasks``
+    axis (:func:`stack_tasks` pads). Task ``t`` shuffles with ``fold_in(key, t)``.
+
+    Returns:
+      One :class:`~taskvec_jax.Trajectory` whose leaves have a leading task axis ``T``.
+    """
+    nt, nd = _check_mesh(mesh)
+    _check_params(params)
+    t = jax.tree.leaves(stacked_data)[0].shape[0]
+    if t % nt:
+        raise ValueError(f"{t} stacked tasks do not divide over the mesh's {nt} task "
+                         "shards; pad with taskvec_jax.parallel.stack_tasks")
+    sample = jax.tree.map(lambda x: x[0], stacked_data)
+    n = num_examples(sample, name="task 0")
+    cfg = _config(loss_fn, optimizer, num_epochs, key, n, kwargs)
+    _check_loss_fn(loss_fn, params, sample, min(n, cfg.batch_size or n), "task 0")
+    if cfg.batch_size is None:
+        cfg = _replace(cfg, data_axis=DATA)
+    keys = None if key is None else jnp.stack([jax.random.fold_in(key, i)
+                                               for i in range(t)])
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    buffer, losses, grads, states = _compiled(cfg, mesh, "tasks")(
+        params, opt_state, stacked_data, keys, jnp.asarray(start_epoch))
+    return Trajectory(buffer, _kept_epochs(kwargs.get("keep_epochs"), num_epochs,
+                                                 start_epoch), losses, grads, states)
+
+
+def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
+                      optimizer: optax.GradientTransformation, num_epochs: int,
+                      mesh: Mesh, *, weights: jax.Array, opt_state: Any = None,
+                      start_epoch: int = 0, **kwargs) -> Trajectory:
+    """Full-batch GD on ``sum_t w_t L_t`` with tasks and examples sharded over ``mesh``.
+
+    ``weights`` has one entry per stacked task (0 for padding tasks). Every device computes
+    its tasks' gradients on its rows; two ``psum``s (data, then tasks) give the multitask
+    gradient, and the replicated optimizer step follows.
+    """
+    nt, nd = _check_mesh(mesh)
+    _check_params(params)
+    t = jax.tree.leaves(stacked_data)[0].shape[0]
+    if t % nt:
+        raise ValueError(f"{t} stacked tasks do not divide over the mesh's {nt} task "
+                         "shards; pad with taskvec_jax.parallel.stack_tasks")
+    if kwargs.get("batch_size") is not None:
+        raise ValueError("multitask_finetune with mesh= runs full-batch GD; minibatch "
+                         "multitask runs without a mesh")
+    sample = jax.tree.map(lambda x: x[0], stacked_data)
+    n = num_examples(sample, name="task 0")
+    cfg = _config(loss_fn, optimizer, num_epochs, None, n, kwargs)
+    _check_loss_fn(loss_fn, params, sample, n, "task 0")
+    cfg = _replace(cfg, data_axis=DATA, multitask_axis=TASKS)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    buffer, losses, grads, opt_state = _compiled(cfg, mesh, "multitask")(
+        params, opt_state, stacked_data, jnp.asarray(weights), jnp.asarray(start_epoch))
+    return Trajectory(buffer, _kept_epochs(kwargs.get("keep_epochs"), num_epochs,
+                                                 start_epoch), losses, grads, opt_state)
+
+
+def _config(loss_fn, optimizer, num_epochs, key, n, kwargs) -> _Config:
+    allowed = {"batch_size", "microbatch_size", "drop_remainder", "keep_epochs",
+               "record_gradients", "progress"}
+    unexpected = sorted(set(kwargs) - allowed)
+    if unexpected:
+        raise TypeError(f"unexpected arguments {unexpected}")
+    return _make_config(loss_fn, optimizer, num_epochs, kwargs.get("batch_size"),
+                           kwargs.get("microbatch_size"), kwargs.get("drop_remainder", False),
+                           kwargs.get("keep_epochs"), kwargs.get("record_gradients", True),
+                           kwargs.get("progress", False), key, [n], ["task 0"])
+
+
+def _replace(cfg: _Config, **changes) -> _Config:
+    return dataclasses.replace(cfg, **changes)
+
+
+def unstack_trajectory(traj: Trajectory, num_tasks: int) -> list[Trajectory]:
+    """Splits a stacked Trajectory into ``num_tasks`` per-task ones (drops padding)."""
+    pick = lambda tree, i: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
+    return [Trajectory(pick(traj.params, i), traj.epochs, traj.losses[i],
+                          None if traj.epoch_gradients is None
+                          else pick(traj.epoch_gradients, i), pick(traj.opt_state, i))
+            for i in range(num_tasks)]
+
+
+# --------------------------------------------------------------------------- multi-host
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, **kwargs) -> None:
+    """Starts JAX's multi-host runtime (``jax.distributed.initialize``) once per process.
+
+    On Cloud TPU pod slices and SLURM/Open MPI clusters every argument is detected
+    automatically; elsewhere pass the coordinator's ``host:port``, the process count and
+    this process's id. A single-process run needs no call at all.
+    """
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               **kwargs)
+
+
+def process_task_indices(mesh: Mesh, num_tasks: int) -> list[int]:
+    """The (padded) task indices whose shards live on this process's devices.
+
+    Each process loads only these tasks' data and passes them to
+    :func:`global_task_array`.
+    """
+    nt, _ = _check_mesh(mesh)
+    padded = math.ceil(num_tasks / nt) * nt
+    per_shard = padded // nt
+    mine = set()
+    local = set(d.id for d in mesh.local_devices)
+    for i, row in enumerate(np.asarray(mesh.devices)):
+        if any(d.id in local for d in row):
+            mine.update(range(i * per_shard, (i + 1) * per_shard))
+    return sorted(mine)
+
+
+def global_task_array(mesh: Mesh, local_stacked: PyTree, num_padded_tasks: int) -> PyTree:
+    """Assembles ``[T, N, ...]`` global arrays from this process's ``[T_local, N, ...]`` rows.
+
+    ``local_stacked`` holds the tasks of :func:`process_task_indices`, in order; the result
+    is sharded ``P('tasks')`` and can go straight into :func:`finetune_stacked`.
+    """
+    sharding = NamedSharding(mesh, P(TASKS))
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, np.asarray(x), (num_padded_tasks,) + tuple(np.shape(x)[1:])),
+        local_stacked)
