@@ -202,7 +202,10 @@ class TaskvecTestTinyShapes(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": image, "label": i % 5, "id": i}
 
 
-def test_prepared_array_record_dataset_is_found_and_carved(tmp_path, no_network):
+def test_prepared_array_record_dataset_is_found_and_carved(tmp_path, no_network,
+                                                         monkeypatch):
+    # Register into a copy of the registry, so the task does not outlive this test.
+    monkeypatch.setattr(data.registry, "_REGISTRY", dict(data.registry._REGISTRY))
     spec = data.register_task(data.TaskSpec(
         "tiny_shapes", "tfds", 5, tfds_name="taskvec_test_tiny_shapes",
         splits=data.SplitPlan(test=None, validation_fraction=0.2, max_validation=None,
