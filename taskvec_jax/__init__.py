@@ -39,3 +39,8 @@ __all__ = [
     "finetune", "finetune_tasks", "mean_value_and_grad", "models",
     "multitask_finetune", "num_examples", "task_vector", "tree",
 ]
+
+# Vision task data (tfds sources, local folders, the embedded offline suite).
+from taskvec_jax import data  # noqa: E402
+
+__all__ += ["data"]

