@@ -16,7 +16,7 @@ The public surface::
     tvj.tree.cosine(tau_1, tau_2)
 """
 
-from taskvec_jax import checkpoint, models, tree
+from taskvec_jax import analysis, checkpoint, models, parallel, tree
 from taskvec_jax.finetune import (
     Trajectory,
     finetune,
@@ -35,9 +35,9 @@ from taskvec_jax.task_vectors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Trajectory", "apply", "check_compatible", "check_task_vectors", "checkpoint",
+    "Trajectory", "analysis", "apply", "check_compatible", "check_task_vectors", "checkpoint",
     "finetune", "finetune_tasks", "mean_value_and_grad", "models",
-    "multitask_finetune", "num_examples", "task_vector", "tree",
+    "multitask_finetune", "num_examples", "parallel", "task_vector", "tree",
 ]
 
 # Vision task data (tfds sources, local folders, the embedded offline suite).
