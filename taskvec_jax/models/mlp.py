@@ -36,6 +36,8 @@ class MLP(nn.Module):
         entry is the number of outputs (classes). ``features=(10,)`` is linear regression.
       activation: name in :data:`ACTIVATIONS` or a callable; applied between layers.
       use_bias: whether dense layers have biases.
+      activate_final: also apply the activation after the last layer (an encoder whose
+        output features feed a separate head).
       param_dtype: dtype of the parameters (flax defaults to float32 even with x64 on).
       dtype: computation dtype (``None``: inferred from inputs and params).
     """
@@ -43,6 +45,7 @@ class MLP(nn.Module):
     features: Sequence[int]
     activation: str | Callable = "relu"
     use_bias: bool = True
+    activate_final: bool = False
     param_dtype: Any = jnp.float32
     dtype: Any = None
 
@@ -57,6 +60,6 @@ class MLP(nn.Module):
         for i, width in enumerate(self.features):
             x = nn.Dense(width, use_bias=self.use_bias, param_dtype=self.param_dtype,
                          dtype=self.dtype, name=f"Dense_{i}")(x)
-            if i < len(self.features) - 1:
+            if i < len(self.features) - 1 or self.activate_final:
                 x = act(x)
         return x
