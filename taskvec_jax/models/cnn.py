@@ -23,6 +23,8 @@ class CNN(nn.Module):
       channels: output channels of each conv block.
       hidden: width of the dense layer before the classifier (0 for none).
       activation: activation name or callable.
+      include_head: if false, return the features before the classifier (the hidden
+        layer's activations, or the flattened conv output when ``hidden=0``).
       param_dtype: dtype of the parameters.
       dtype: computation dtype.
     """
@@ -31,6 +33,7 @@ class CNN(nn.Module):
     channels: Sequence[int] = (16, 32)
     hidden: int = 64
     activation: str = "relu"
+    include_head: bool = True
     param_dtype: Any = jnp.float32
     dtype: Any = None
 
@@ -47,4 +50,6 @@ class CNN(nn.Module):
         x = x.reshape((x.shape[0], -1))
         if self.hidden:
             x = act(nn.Dense(self.hidden, param_dtype=self.param_dtype, dtype=self.dtype)(x))
+        if not self.include_head:
+            return x
         return nn.Dense(self.num_classes, param_dtype=self.param_dtype, dtype=self.dtype)(x)

@@ -45,6 +45,8 @@ class ViT(nn.Module):
       depth: number of encoder blocks.
       num_heads: attention heads (must divide ``width``).
       mlp_dim: hidden width of each block's MLP (default ``4 * width``).
+      include_head: if false, return the normalized class token (``[B, width]``, the
+        encoder's features) and create no ``head`` parameters.
       param_dtype: dtype of the parameters.
       dtype: computation dtype.
     """
@@ -55,6 +57,7 @@ class ViT(nn.Module):
     depth: int = 2
     num_heads: int = 4
     mlp_dim: int | None = None
+    include_head: bool = True
     param_dtype: Any = jnp.float32
     dtype: Any = None
 
@@ -85,4 +88,6 @@ class ViT(nn.Module):
             x = EncoderBlock(self.num_heads, self.mlp_dim or 4 * self.width,
                              name=f"block_{i}", **kw)(x)
         x = nn.LayerNorm(name="final_norm", **kw)(x[:, 0])
+        if not self.include_head:
+            return x
         return nn.Dense(self.num_classes, name="head", **kw)(x)

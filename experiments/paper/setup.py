@@ -1,0 +1,150 @@
+"""Data, base model, frozen heads and losses for the paper reproduction."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import taskvec_jax as tvj
+from taskvec_jax import data as data_lib
+from taskvec_jax.models import (CNN, MLP, ViT, fit_linear_head, make_loss_fn,
+                                multihead_accuracy, multihead_loss_fn, stack_heads,
+                                with_task_ids)
+
+PyTree = Any
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Setup(NamedTuple):
+    """Everything the findings share."""
+
+    config: ml_collections.ConfigDict
+    task_names: list[str]
+    train: list[PyTree]        # per task, with "task" ids
+    validation: list[PyTree]
+    test: list[PyTree]
+    base: PyTree               # encoder parameters of the pretrained base model
+    encode: Callable[[PyTree, jax.Array], jax.Array]
+    heads: Any                 # TaskHeads
+    loss_fn: Callable[[PyTree, PyTree], jax.Array]
+    accuracy: Callable[[PyTree, PyTree], jax.Array]   # jitted (params, data) -> accuracy
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}[name]
+
+
+def encoder_and_classifier(cfg: ml_collections.ConfigDict, num_classes: int):
+    """(encoder, classifier, strip) where the classifier is the encoder plus a linear layer
+    and ``strip(classifier_params)`` returns the encoder's parameters."""
+    m = cfg.model
+    dtype = _dtype(m.param_dtype)
+    if m.kind == "mlp":
+        enc = MLP(tuple(m.widths), m.activation, activate_final=True, param_dtype=dtype)
+        clf = MLP(tuple(m.widths) + (num_classes,), m.activation, param_dtype=dtype)
+        head = f"Dense_{len(m.widths)}"
+    elif m.kind == "vit":
+        clf = ViT(num_classes, patch_size=m.patch_size, width=m.widths[0], depth=m.depth,
+                  num_heads=m.num_heads, param_dtype=dtype)
+        enc, head = clf.clone(include_head=False), "head"
+    elif m.kind == "cnn":
+        clf = CNN(num_classes, channels=tuple(m.widths), hidden=64,
+                  activation=m.activation, param_dtype=dtype)
+        enc, head = clf.clone(include_head=False), "Dense_1"
+    else:
+        raise ValueError(f"unknown model kind {m.kind!r}; choose mlp, cnn or vit")
+    return enc, clf, lambda p: {k: v for k, v in p.items() if k != head}
+
+
+def load_data(cfg: ml_collections.ConfigDict):
+    d = cfg.data
+    kwargs = {k: v for k, v in dict(data_dir=d.data_dir, image_size=d.image_size,
+                                    channels=d.channels, normalization=d.normalization
+                                    ).items() if v is not None}
+    suite = data_lib.SUITES[d.suite] if d.suite in data_lib.SUITES else None
+    names = list(d.tasks) if d.tasks else list(suite.tasks)
+    source = d.source or (suite.source if suite else None)
+    if source is None:
+        raise ValueError(f"suite {d.suite!r} has no source split: set config.data.source "
+                         "to the task the base model is pretrained on")
+    log(f"loading {len(names)} tasks ({d.suite}) and the source split {source}")
+    splits = {}
+    for name in names:
+        splits[name] = {s: data_lib.load_task(
+            name, s, max_examples=d.max_train_examples if s == "train" else None, **kwargs)
+            for s in ("train", "validation", "test")}
+    src = {s: data_lib.load_task(source, s, **kwargs) for s in ("train", "validation")}
+    return names, splits, src
+
+
+def _to_jax(batch: dict, dtype) -> dict:
+    return {"image": jnp.asarray(batch["image"], dtype), "label": jnp.asarray(batch["label"])}
+
+
+def pretrain_base(cfg, source: dict, workdir: str, dtype) -> tuple[PyTree, Any, Any]:
+    """Trains encoder + source head on the source split; cached under workdir/checkpoints."""
+    num_classes = int(np.max(source["train"]["label"])) + 1
+    enc, clf, strip = encoder_and_classifier(cfg, num_classes)
+    train = _to_jax(source["train"], dtype)
+    init = clf.init(jax.random.key(cfg.seed), train["image"][:1])["params"]
+    path = os.path.join(workdir, "checkpoints", "base")
+    meta = {"model": cfg.model.to_dict(), "pretrain": cfg.pretrain.to_dict(),
+            "data": cfg.data.to_dict(), "seed": cfg.seed}
+    meta_path = path + ".json"
+    if os.path.isdir(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f) == json.loads(json.dumps(meta)):
+                log(f"reusing the cached base model {path}")
+                return tvj.checkpoint.restore(path, like=init), enc, strip
+    p = cfg.pretrain
+    log(f"pretraining the base model on {train['image'].shape[0]} source examples "
+        f"({p.epochs} epochs of Adam, batch {p.batch_size})")
+    traj = tvj.finetune(make_loss_fn(clf), init, train, optax.adam(p.learning_rate),
+                        p.epochs, batch_size=p.batch_size, key=jax.random.key(cfg.seed + 1),
+                        keep_epochs=[p.epochs], record_gradients=False)
+    params = traj.final_params
+    acc = float(tvj.models.accuracy(clf, params, _to_jax(source["validation"], dtype)))
+    log(f"base model: source validation accuracy {acc:.3f}")
+    tvj.checkpoint.save(path, params, overwrite=True)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return params, enc, strip
+
+
+def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
+    """Loads data, pretrains (or restores) the base model, fits the frozen heads."""
+    dtype = _dtype(cfg.model.param_dtype)
+    names, splits, source = load_data(cfg)
+    full, enc, strip = pretrain_base(cfg, source, workdir, dtype)
+    base = strip(full)
+
+    def encode(params, x):
+        return enc.apply({"params": params}, x)
+
+    log(f"fitting frozen linear heads on the base features of {len(names)} tasks")
+    heads = []
+    train, val, test = [], [], []
+    for t, name in enumerate(names):
+        tr = _to_jax(splits[name]["train"], dtype)
+        c = int(max(np.max(splits[name][s]["label"]) for s in splits[name])) + 1
+        feats = jax.jit(encode)(base, tr["image"])
+        heads.append(fit_linear_head(feats, tr["label"], c, steps=cfg.heads.steps,
+                                     learning_rate=cfg.heads.learning_rate))
+        train.append(with_task_ids(tr, t))
+        val.append(with_task_ids(_to_jax(splits[name]["validation"], dtype), t))
+        test.append(with_task_ids(_to_jax(splits[name]["test"], dtype), t))
+    heads = stack_heads(heads)
+    loss_fn = multihead_loss_fn(encode, heads)
+    accuracy = jax.jit(lambda p, d: multihead_accuracy(encode, heads, p, d))
+    return Setup(cfg, names, train, val, test, base, encode, heads, loss_fn, accuracy)
