@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-exec .venv/bin/python -m experiments.theorem1_demo "$@"
+exec .venv/bin/python -m experiments.reproduce "$@"
