@@ -39,3 +39,8 @@ __all__ = [
     "finetune", "finetune_tasks", "mean_value_and_grad", "models",
     "multitask_finetune", "num_examples", "task_vector", "tree",
 ]
+
+# CLIP zero-shot heads (issue 9); the CLIP model and converter are in taskvec_jax.models.
+from taskvec_jax import zeroshot  # noqa: E402
+
+__all__ += ["zeroshot"]

@@ -120,7 +120,7 @@ def load_tokenizer(directory: str | os.PathLike):
     directory = os.fspath(directory)
     path = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(path):
-        return Tokenizer.from_file(path)
+        return _plain(Tokenizer.from_file(path))
     vocab_path = os.path.join(directory, "vocab.json")
     merges_path = os.path.join(directory, "merges.txt")
     if not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
@@ -133,6 +133,19 @@ def load_tokenizer(directory: str | os.PathLike):
     merges = [tuple(line.split(" ")) for line in lines
               if line and not line.startswith("#version")]
     return clip_bpe_tokenizer(vocab, merges)
+
+
+def _plain(tokenizer):
+    """``tokenizer`` without padding or truncation settings (a ``tokenizer.json`` saved after
+    a padded call keeps them), as a copy: the caller's object is not changed."""
+    if tokenizer.padding is None and tokenizer.truncation is None:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(tokenizer.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
 
 
 def tokenize(tokenizer, texts: Sequence[str], context_length: int = 77, *,
@@ -157,6 +170,7 @@ def tokenize(tokenizer, texts: Sequence[str], context_length: int = 77, *,
         raise ValueError(f"tokenizer has no {START_TOKEN!r} / {END_TOKEN!r} token; is it a "
                          "CLIP tokenizer?")
     pad = end if pad_id is None else pad_id
+    tokenizer = _plain(tokenizer)
     encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
     out = np.full((len(texts), context_length), pad, dtype=np.int32)
     for i, (text, enc) in enumerate(zip(texts, encodings)):

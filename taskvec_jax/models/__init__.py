@@ -14,3 +14,15 @@ from taskvec_jax.models.vit import ViT
 
 __all__ = ["ACTIVATIONS", "CNN", "LOSSES", "MLP", "ViT", "accuracy", "apply_fn_of",
            "cross_entropy", "get_activation", "make_loss_fn", "mse"]
+
+# CLIP (issue 9): the towers, and the converter from public checkpoints.
+from taskvec_jax.models import clip, clip_convert  # noqa: E402
+from taskvec_jax.models.clip import (  # noqa: E402
+    CLIP,
+    CLIPConfig,
+    CLIPTextTransformer,
+    CLIPVisionTransformer,
+)
+
+__all__ += ["CLIP", "CLIPConfig", "CLIPTextTransformer", "CLIPVisionTransformer", "clip",
+            "clip_convert"]
