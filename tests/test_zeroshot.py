@@ -4,7 +4,6 @@ import ast
 import os
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
