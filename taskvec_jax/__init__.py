@@ -44,3 +44,8 @@ __all__ = [
 from taskvec_jax import data  # noqa: E402
 
 __all__ += ["data"]
+
+# CLIP zero-shot heads (issue 9); the CLIP model and converter are in taskvec_jax.models.
+from taskvec_jax import zeroshot  # noqa: E402
+
+__all__ += ["zeroshot"]

@@ -24,3 +24,15 @@ __all__ = ["ACTIVATIONS", "CNN", "LOSSES", "MLP", "TaskHeads", "ViT", "accuracy"
            "apply_fn_of", "cross_entropy", "fit_linear_head", "get_activation",
            "make_loss_fn", "mse", "multihead_accuracy", "multihead_loss_fn", "stack_heads",
            "with_task_ids"]
+
+# CLIP (issue 9): the towers, and the converter from public checkpoints.
+from taskvec_jax.models import clip, clip_convert  # noqa: E402
+from taskvec_jax.models.clip import (  # noqa: E402
+    CLIP,
+    CLIPConfig,
+    CLIPTextTransformer,
+    CLIPVisionTransformer,
+)
+
+__all__ += ["CLIP", "CLIPConfig", "CLIPTextTransformer", "CLIPVisionTransformer", "clip",
+            "clip_convert"]
