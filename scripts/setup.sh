@@ -15,8 +15,14 @@ python3 -m venv "$venv" 2>/dev/null || python3 -m venv --without-pip "$venv"
 if [ ! -x "$venv/bin/uv" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip uv >&2 || true
 fi
+# A local folder of wheels (the CPU build of torch here) is used when the machine has one.
+links=()
+for dir in ${PIP_FIND_LINKS:-} /opt/wheels; do
+  [ -d "$dir" ] && links+=(--find-links "$dir")
+done
 if [ -x "$venv/bin/uv" ]; then
-  VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --compile-bytecode -e ".[$extras]" >&2
+  VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --compile-bytecode "${links[@]}" \
+    -e ".[$extras]" >&2
 else
   "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
 fi

@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k merging`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,notebooks
+bash scripts/setup.sh test,notebooks,parity
 set +e
 .venv/bin/python -m pytest -n 2 --dist loadfile "$@"
 rc=$?
