@@ -34,7 +34,7 @@ def run(setup, workdir: str) -> dict:
         gaps.append(np.asarray(res.gap_norm))
         residuals.append([float(tvj.tree.norm(tvj.tree.add_scale(
             jax.tree.map(lambda g: g[k], res.gap), -float(lr) ** 2,
-            jax.tree.map(lambda t: t[k], terms.terms))))
+            jax.tree.map(lambda t: t[k], terms))))
             for k in range(c.epochs)])
     gaps, residuals = np.asarray(gaps), np.asarray(residuals)
     rows = []
