@@ -201,3 +201,12 @@ def test_a_small_mlp_beats_chance_clearly(task):
     chance = 1 / spec.num_classes
     assert acc > 0.75, (task, acc)
     assert acc > chance + 0.5 and base < chance + 0.15, (task, base, acc)
+
+
+def test_split_prefixes_are_class_balanced():
+    # The raw MNIST file is sorted by class; a prefix of a split (max_examples) must still
+    # be a random subset, or a 600-example task would hold only a few classes.
+    for task in ("embedded/rotate90", "embedded/high_low", "embedded/source"):
+        labels = data.load_task(task, "train", max_examples=300)["label"]
+        counts = np.bincount(labels)
+        assert counts.min() >= 0.5 * counts.mean(), (task, counts)

@@ -133,10 +133,12 @@ def digits8x8() -> tuple[np.ndarray, np.ndarray]:
 
 def _partition(n: int, sizes: dict[str, int], seed: int, offset: int = 0
                ) -> dict[str, np.ndarray]:
+    # Splits keep the permuted order (the raw files are sorted by class), so every
+    # prefix of a split, e.g. ``max_examples=600``, is a uniformly random subset.
     order = stable_permutation(n, seed)[offset:]
     out, start = {}, 0
     for split, size in sizes.items():
-        out[split] = np.sort(order[start:start + size])
+        out[split] = order[start:start + size]
         start += size
     return out
 
