@@ -31,6 +31,7 @@ from taskvec_jax.task_vectors import (
     check_task_vectors,
     task_vector,
 )
+from taskvec_jax import merging  # noqa: E402  (after the foundation it builds on)
 
 __version__ = "0.1.0"
 
@@ -39,3 +40,4 @@ __all__ = [
     "finetune", "finetune_tasks", "mean_value_and_grad", "models",
     "multitask_finetune", "num_examples", "task_vector", "tree",
 ]
+__all__ += ["merging"]
