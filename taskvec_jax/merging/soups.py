@@ -114,11 +114,10 @@ def greedy_soup(models: Sequence[PyTree], score_fn: ScoreFn) -> GreedySoup:
 def _greedy_soup_jit(models, score_fn):
     first, treedef = _common.flatten(models[0])
     num_models = len(models)
-    sums = [_float_sum(_common.flatten(m)[0]) for m in models]
-
     def fetch(i):
-        # The branches close over the models, so nothing is stacked.
-        return lax.switch(i, [lambda s=s: s for s in sums])
+        # The branches close over the models, so nothing is stacked; the widening to
+        # the accumulation dtype happens inside the branch, for the fetched model only.
+        return lax.switch(i, [lambda m=m: _float_sum(_common.flatten(m)[0]) for m in models])
 
     def score_of(total, count):
         return jnp.asarray(score_fn(jax.tree.unflatten(
@@ -127,7 +126,8 @@ def _greedy_soup_jit(models, score_fn):
     def score_one(i, scores):
         return scores.at[i].set(score_of(fetch(i), 1))
 
-    score_dtype = jax.eval_shape(lambda: score_of(sums[0], 1)).dtype
+    score_dtype = jax.eval_shape(
+        lambda: score_of(_float_sum(_common.flatten(models[0])[0]), 1)).dtype
     scores = lax.fori_loop(0, num_models, score_one, jnp.zeros(num_models, score_dtype))
     order = jnp.argsort(-scores, stable=True)
     best = order[0]
