@@ -14,6 +14,7 @@ The public surface::
     trajs = tvj.finetune_tasks(loss_fn, params, task_datasets, optax.sgd(lr), num_epochs)
     mt    = tvj.multitask_finetune(loss_fn, params, task_datasets, optax.sgd(lr), k)
     tvj.tree.cosine(tau_1, tau_2)
+    theta = tvj.merging.ties(base, [tau_1, tau_2], density=0.2)   # see docs/merging.md
 """
 
 from taskvec_jax import checkpoint, models, tree
