@@ -13,10 +13,24 @@ The public surface::
     traj  = tvj.finetune(loss_fn, params, data, optax.sgd(lr), num_epochs)
     trajs = tvj.finetune_tasks(loss_fn, params, task_datasets, optax.sgd(lr), num_epochs)
     mt    = tvj.multitask_finetune(loss_fn, params, task_datasets, optax.sgd(lr), k)
+    tvj.merging.ties(base, task_vectors, density=0.2)
+    tvj.theory.second_order_term(loss_fn, params, task_datasets, lr, alpha, k)
     tvj.tree.cosine(tau_1, tau_2)
+
+Submodules: ``tree``, ``merging``, ``theory``, ``hessian``, ``analysis``, ``models``,
+``data``, ``parallel``, ``checkpoint``, ``zeroshot``, ``plotting`` (imported on use).
 """
 
-from taskvec_jax import analysis, checkpoint, models, parallel, tree
+from taskvec_jax import (
+    analysis,
+    checkpoint,
+    data,
+    merging,
+    models,
+    parallel,
+    tree,
+    zeroshot,
+)
 from taskvec_jax.finetune import (
     Trajectory,
     finetune,
@@ -35,17 +49,8 @@ from taskvec_jax.task_vectors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Trajectory", "analysis", "apply", "check_compatible", "check_task_vectors", "checkpoint",
-    "finetune", "finetune_tasks", "mean_value_and_grad", "models",
-    "multitask_finetune", "num_examples", "parallel", "task_vector", "tree",
+    "Trajectory", "analysis", "apply", "check_compatible", "check_task_vectors",
+    "checkpoint", "data", "finetune", "finetune_tasks", "mean_value_and_grad",
+    "merging", "models", "multitask_finetune", "num_examples", "parallel", "task_vector",
+    "tree", "zeroshot",
 ]
-
-# Vision task data (tfds sources, local folders, the embedded offline suite).
-from taskvec_jax import data  # noqa: E402
-
-__all__ += ["data"]
-
-# CLIP zero-shot heads (issue 9); the CLIP model and converter are in taskvec_jax.models.
-from taskvec_jax import zeroshot  # noqa: E402
-
-__all__ += ["zeroshot"]

@@ -1,0 +1,42 @@
+"""Model merging as pure functions over pytrees.
+
+* :mod:`~taskvec_jax.merging.arithmetic`: :func:`task_arithmetic`.
+* :mod:`~taskvec_jax.merging.sparsify`: :func:`magnitude_mask`, :func:`trim`,
+  :func:`ties_merge`, :func:`ties`, :func:`dare`, :func:`breadcrumbs` (every choice of
+  scope, counting rule and tie-breaking is an explicit, documented argument).
+* :mod:`~taskvec_jax.merging.iterative`: :func:`atm` (iterative task arithmetic).
+* :mod:`~taskvec_jax.merging.soups`: :func:`uniform_soup`, :func:`greedy_soup`,
+  :func:`learned_soup`.
+* :mod:`~taskvec_jax.merging.search`: :func:`coefficient_search`.
+
+Design notes, conventions and memory use: docs/merging.md.
+"""
+
+from taskvec_jax.merging.arithmetic import task_arithmetic
+from taskvec_jax.merging.iterative import ATMResult, atm
+from taskvec_jax.merging.search import CoefficientSearch, coefficient_search
+from taskvec_jax.merging.soups import (
+    GRANULARITIES,
+    GreedySoup,
+    LearnedSoup,
+    greedy_soup,
+    learned_soup,
+    uniform_soup,
+)
+from taskvec_jax.merging.sparsify import (
+    SCOPES,
+    TIES_MERGES,
+    breadcrumbs,
+    dare,
+    magnitude_mask,
+    ties,
+    ties_merge,
+    trim,
+)
+
+__all__ = [
+    "ATMResult", "CoefficientSearch", "GRANULARITIES", "GreedySoup", "LearnedSoup",
+    "SCOPES", "TIES_MERGES", "atm", "breadcrumbs", "coefficient_search", "dare",
+    "greedy_soup", "learned_soup", "magnitude_mask", "task_arithmetic", "ties",
+    "ties_merge", "trim", "uniform_soup",
+]

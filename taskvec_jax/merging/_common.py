@@ -1,0 +1,159 @@
+"""Validation and flattening shared by the merging modules (private)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from taskvec_jax import task_vectors as tv_lib
+from taskvec_jax import tree as tree_lib
+
+PyTree = Any
+
+
+def is_none(x: Any) -> bool:
+    return x is None
+
+
+def is_param(x: Any) -> bool:
+    """A leaf that merging acts on: a float array (``None`` and int/bool leaves are not)."""
+    return x is not None and tree_lib.is_float(x)
+
+
+def flatten(tree: PyTree) -> tuple[list[Any], Any]:
+    """Flattens keeping ``None`` as a leaf, so every task vector aligns with its base."""
+    return jax.tree.flatten(tree, is_leaf=is_none)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
+    return [tree_lib.path_str(p) for p, _ in flat]
+
+
+def flatten_tasks(task_vectors: Sequence[PyTree], base: PyTree | None = None):
+    """Checks the task vectors and returns ``(treedef, [leaves of task t for t in T])``.
+
+    The treedef is the base's when given (so results are shaped like the base).
+    """
+    tv_lib.check_task_vectors(task_vectors, base)
+    reference = base if base is not None else task_vectors[0]
+    _, treedef = flatten(reference)
+    return treedef, [flatten(tau)[0] for tau in task_vectors]
+
+
+def check_models(models: Sequence[PyTree]) -> None:
+    """Non-empty sequence of models with equal structure, shapes and dtypes."""
+    if isinstance(models, dict) or not isinstance(models, Sequence):
+        raise ValueError(f"expected a sequence of models, got {type(models).__name__}")
+    if len(models) == 0:
+        raise ValueError("expected at least one model, got an empty sequence")
+    for i, m in enumerate(models):
+        tv_lib.check_compatible(m, models[0], name=f"model {i}", reference_name="model 0",
+                                allow_none=False)
+    if not any(is_param(x) for x in flatten(models[0])[0]):
+        raise ValueError("models have no floating point leaves to average")
+
+
+def per_task_alpha(alpha: Any, num_tasks: int, *, name: str = "alpha") -> jax.Array:
+    """``alpha`` as a ``[num_tasks]`` array: a scalar is broadcast, a ``[T]`` is kept."""
+    alpha = jnp.asarray(alpha)
+    if not jnp.issubdtype(alpha.dtype, jnp.number) or jnp.issubdtype(alpha.dtype,
+                                                                        jnp.complexfloating):
+        raise ValueError(f"{name} must be a real number or one per task, got dtype "
+                         f"{alpha.dtype}")
+    if alpha.ndim == 0:
+        return jnp.broadcast_to(alpha, (num_tasks,))
+    if alpha.shape != (num_tasks,):
+        raise ValueError(f"{name} must be a scalar or have one entry per task "
+                         f"({num_tasks}), got shape {alpha.shape}")
+    return alpha
+
+
+def scalar_alpha(alpha: Any, *, name: str = "alpha") -> jax.Array:
+    alpha = jnp.asarray(alpha)
+    if alpha.ndim != 0 or not jnp.issubdtype(alpha.dtype, jnp.number):
+        raise ValueError(f"{name} must be a real scalar, got shape {alpha.shape} dtype "
+                         f"{alpha.dtype}")
+    return alpha
+
+
+def static_number(value: Any, name: str) -> float:
+    """A concrete Python number (fractions fix how many entries are kept: a static shape)."""
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(f"{name} must be a concrete Python number, not a traced value: it "
+                         "fixes how many entries are kept (close over it, or mark it "
+                         "static, when jitting)")
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(out):
+        raise ValueError(f"{name} must be a number, got nan")
+    return out
+
+
+def check_density(density: Any, name: str = "density") -> float:
+    d = static_number(density, name)
+    if not 0.0 < d <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {density!r}")
+    return d
+
+
+def check_outliers(outliers: Any, density: float) -> float:
+    o = static_number(outliers, "outliers")
+    if not 0.0 <= o < 1.0:
+        raise ValueError(f"outliers must lie in [0, 1), got {outliers!r}")
+    if exact(o) + exact(density) > 1:
+        raise ValueError(f"outliers + density must not exceed 1, got {o} + {density}")
+    return o
+
+
+def exact(fraction: float) -> Fraction:
+    """The decimal a user wrote: ``0.07`` is read as ``7/100``, not its binary float."""
+    return Fraction(repr(float(fraction)))
+
+
+def count_of(fraction: float, n: int) -> int:
+    """THE rounding rule for counts: ``ceil(fraction * n)``, on the exact decimal.
+
+    ``fraction`` is read as the shortest decimal that round-trips (``0.07`` means
+    ``7/100``), so ``count_of(0.07, 100) == 7`` although ``0.07 * 100 == 7.000000000000001``
+    in floating point. For ``0 < fraction <= 1`` and ``n >= 1`` the count lies in ``[1, n]``.
+    """
+    return math.ceil(exact(fraction) * n)
+
+
+def accumulation_dtype(dtype: Any) -> Any:
+    """Sums over tasks or models run in at least float32 (bfloat16 sums lose too much)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def fold_tasks(step, state: Any, items: Sequence[Any]) -> Any:
+    """``state = step(state, items[t])`` for every ``t``, as one ``lax.fori_loop``.
+
+    Inside one compiled program XLA may schedule a Python-unrolled loop's iterations
+    side by side (measured on CPU: temporaries growing with the number of tasks). A
+    ``fori_loop`` runs its iterations one after the other and reuses their buffers; item
+    ``t`` is fetched with ``lax.switch`` (one item-sized copy), so the items are never
+    stacked.
+    """
+    if len(items) == 1:
+        return step(state, items[0])
+
+    def body(t, state):
+        item = jax.lax.switch(t, [lambda item=item: item for item in items])
+        return step(state, item)
+
+    return jax.lax.fori_loop(0, len(items), body, state)
+
+
+def is_traced(tree: Any) -> bool:
+    """True when called under a JAX transformation (some leaf is a tracer)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
