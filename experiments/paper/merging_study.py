@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 import taskvec_jax as tvj
+from experiments.paper.setup import minibatch_optimizer
 from taskvec_jax import merging, plotting
 
 
@@ -17,12 +18,14 @@ def _accuracies(setup, params, split) -> np.ndarray:
     return np.asarray([float(setup.accuracy(params, d)) for d in split])
 
 
-def merge_fns(setup, taus: list, key: jax.Array) -> dict:
-    """``{method: alpha -> merged encoder}`` for the configured methods."""
+def merge_fns(setup, taus: list, key: jax.Array, methods=None) -> dict:
+    """``{method: alpha -> merged encoder}`` for ``methods`` (default: the configured ones)."""
     m = setup.config.merging
+    methods = tuple(m.methods if methods is None else methods)
     base = setup.base
     dare_taus = [merging.dare(tau, drop_rate=m.dare_drop_rate,
-                              key=jax.random.fold_in(key, t)) for t, tau in enumerate(taus)]
+                              key=jax.random.fold_in(key, t)) for t, tau in enumerate(taus)
+                 ] if "dare" in methods else None
     table = {
         "task_arithmetic": lambda a: merging.task_arithmetic(base, taus, a),
         "ties": lambda a: merging.ties(base, taus, density=m.ties_density, alpha=a),
@@ -31,20 +34,26 @@ def merge_fns(setup, taus: list, key: jax.Array) -> dict:
                                                      outliers=m.breadcrumbs_outliers,
                                                      alpha=a),
     }
-    unknown = set(m.methods) - set(table)
+    unknown = set(methods) - set(table)
     if unknown:
         raise ValueError(f"unknown merging methods {sorted(unknown)}; choose from "
                          f"{sorted(table)}")
-    return {name: table[name] for name in m.methods}
+    return {name: table[name] for name in methods}
 
 
-def merge_and_evaluate(setup, taus, finetuned_val, finetuned_test, key) -> dict:
-    """For every method: alpha chosen on validation (whole table kept), test accuracy."""
+def merge_and_evaluate(setup, taus, finetuned_val, finetuned_test, key, methods=None
+                       ) -> dict:
+    """For every method: alpha chosen on validation (whole table kept), test accuracy.
+
+    The grid is evaluated eagerly (``jit=False``): the merging functions and the accuracy
+    are compiled once per shape and reused for every epoch's task vectors, where one
+    program per (method, epoch) would recompile with the task vectors baked in.
+    """
     alphas = jnp.asarray(setup.config.merging.alphas)
     score_fns = [lambda p, d=d: setup.accuracy(p, d) for d in setup.validation]
     out = {}
-    for name, fn in merge_fns(setup, taus, key).items():
-        search = merging.coefficient_search(fn, alphas, score_fns, finetuned_val)
+    for name, fn in merge_fns(setup, taus, key, methods).items():
+        search = merging.coefficient_search(fn, alphas, score_fns, finetuned_val, jit=False)
         best = float(search.best_alpha)
         test = _accuracies(setup, fn(best), setup.test)
         out[name] = {"alpha": best, "test_accuracy": test.tolist(),
@@ -101,19 +110,19 @@ def multitask_reference(setup, mode: str) -> tuple[dict, tvj.Trajectory]:
                                       optax.sgd(f.full_batch_lr), f.full_batch_epochs)
     else:
         traj = tvj.multitask_finetune(setup.loss_fn, setup.base, setup.train,
-                                      optax.sgd(f.minibatch_lr), f.minibatch_epochs,
+                                      minibatch_optimizer(setup.config), f.minibatch_epochs,
                                       batch_size=f.batch_size,
                                       key=jax.random.key(setup.config.seed + 7))
     test = _accuracies(setup, traj.final_params, setup.test)
     return {"test_accuracy": test.tolist(), "avg_accuracy": float(test.mean())}, traj
 
 
-def atm_vs_task_arithmetic(setup, minibatch_trajs, finetuned_test, workdir, key) -> dict:
+def atm_vs_task_arithmetic(setup, minibatch_trajs, finetuned_test, workdir, key):
     """ATM (R rounds of one epoch) vs task arithmetic on R-epoch task vectors (same budget)."""
     cfg = setup.config
     f = cfg.finetune
     rounds = cfg.atm.rounds
-    result = merging.atm(setup.loss_fn, setup.base, setup.train, optax.sgd(f.minibatch_lr),
+    result = merging.atm(setup.loss_fn, setup.base, setup.train, minibatch_optimizer(cfg),
                          rounds, num_epochs=1, alpha=cfg.atm.alpha, batch_size=f.batch_size,
                          key=jax.random.fold_in(key, 1))
     atm_acc = [float(np.mean(_accuracies(setup, result.at(r), setup.test)))
@@ -123,9 +132,9 @@ def atm_vs_task_arithmetic(setup, minibatch_trajs, finetuned_test, workdir, key)
     ta_acc = []
     for r in range(1, rounds + 1):
         taus = [tvj.task_vector(t.at(r), setup.base) for t in minibatch_trajs]
-        res = merge_and_evaluate(setup, taus, ft_val, np.asarray(finetuned_test), key)
-        ta_acc.append(res["task_arithmetic"]["avg_accuracy"] if "task_arithmetic" in res
-                      else next(iter(res.values()))["avg_accuracy"])
+        res = merge_and_evaluate(setup, taus, ft_val, np.asarray(finetuned_test), key,
+                                 methods=("task_arithmetic",))
+        ta_acc.append(res["task_arithmetic"]["avg_accuracy"])
     plotting.accuracy_curves(list(range(1, rounds + 1)),
                              {"ATM (r rounds of 1 epoch)": atm_acc,
                               "task arithmetic (r-epoch task vectors)": ta_acc},

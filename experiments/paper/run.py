@@ -13,7 +13,7 @@ import optax
 
 import taskvec_jax as tvj
 from experiments.paper import dominance, merging_study, report, theorem, trajectories
-from experiments.paper.setup import build, log
+from experiments.paper.setup import build, log, minibatch_optimizer
 
 
 def finetune_all(setup):
@@ -23,10 +23,10 @@ def finetune_all(setup):
         f"(lr {f.full_batch_lr})")
     full = tvj.finetune_tasks(setup.loss_fn, setup.base, setup.train,
                               optax.sgd(f.full_batch_lr), f.full_batch_epochs)
-    log(f"finetuning {len(setup.train)} tasks: minibatch SGD, {f.minibatch_epochs} epochs "
-        f"(lr {f.minibatch_lr}, batch {f.batch_size})")
+    log(f"finetuning {len(setup.train)} tasks: minibatch {f.minibatch_optimizer}, "
+        f"{f.minibatch_epochs} epochs (lr {f.minibatch_lr}, batch {f.batch_size})")
     mini = tvj.finetune_tasks(setup.loss_fn, setup.base, setup.train,
-                              optax.sgd(f.minibatch_lr), f.minibatch_epochs,
+                              minibatch_optimizer(setup.config), f.minibatch_epochs,
                               batch_size=f.batch_size,
                               key=jax.random.key(setup.config.seed + 3))
     return {"full_batch": full, "minibatch": mini}

@@ -26,6 +26,16 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def minibatch_optimizer(cfg) -> optax.GradientTransformation:
+    """The optimizer of the minibatch runs (finetunes, multitask, ATM)."""
+    f = cfg.finetune
+    table = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw}
+    if f.minibatch_optimizer not in table:
+        raise ValueError(f"unknown minibatch_optimizer {f.minibatch_optimizer!r}; choose "
+                         f"{sorted(table)}")
+    return table[f.minibatch_optimizer](f.minibatch_lr)
+
+
 class Setup(NamedTuple):
     """Everything the findings share."""
 
@@ -140,7 +150,8 @@ def build(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
         c = int(max(np.max(splits[name][s]["label"]) for s in splits[name])) + 1
         feats = jax.jit(encode)(base, tr["image"])
         heads.append(fit_linear_head(feats, tr["label"], c, steps=cfg.heads.steps,
-                                     learning_rate=cfg.heads.learning_rate))
+                                     learning_rate=cfg.heads.learning_rate,
+                                     weight_decay=cfg.heads.weight_decay))
         train.append(with_task_ids(tr, t))
         val.append(with_task_ids(_to_jax(splits[name]["validation"], dtype), t))
         test.append(with_task_ids(_to_jax(splits[name]["test"], dtype), t))
