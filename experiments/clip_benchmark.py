@@ -15,9 +15,8 @@ Steps, in order, each a function that a notebook can call on its own:
    chosen on validation; :func:`format_tables` writes absolute and normalized accuracy
    (``acc_merged(t) / acc_finetuned(t)``, Ilharco et al. 2023) in the literature's layout.
 
-Data loading and the merging methods other than task arithmetic come from
-``taskvec_jax.data`` and ``taskvec_jax.merging``; :func:`wire_data_and_merging` is the one
-place that connects them.
+Data loading and the merging methods come from ``taskvec_jax.data`` and
+``taskvec_jax.merging``; :func:`wire_data_and_merging` connects them.
 """
 
 from __future__ import annotations
@@ -120,34 +119,58 @@ def build_heads(config, pretrained: clip_convert.CLIPCheckpoint,
     return heads
 
 
-def task_arithmetic(base: PyTree, taus: Sequence[PyTree], alpha: float) -> PyTree:
-    """``theta_0 + alpha * sum_t tau_t`` (Ilharco et al. 2023)."""
-    total = taus[0]
-    for tau in taus[1:]:
-        total = tvj.tree.add(total, tau)
-    return tvj.apply(base, total, alpha)
+# Registry names of the literature's task names (taskvec_jax.data).
+DATA_NAMES = {"SUN397": "sun397", "Cars": "cars", "RESISC45": "resisc45",
+              "EuroSAT": "eurosat", "SVHN": "svhn", "GTSRB": "gtsrb", "MNIST": "mnist",
+              "DTD": "dtd"}
 
 
-# ============================================================================ WIRING
-# The one function that connects this benchmark to taskvec_jax.data (the task registry
-# over tensorflow-datasets) and taskvec_jax.merging (TIES, DARE, Breadcrumbs, ...). It
-# must return
-#   load_split(task, split) -> {"image": float [N, S, S, 3] preprocessed for CLIP
-#                               (clip.preprocess), "label": int [N]} with labels in the
-#                               order of zeroshot.CLASSNAMES[task], or an iterable of such
-#                               batches (a full SUN397 test split does not fit in memory;
-#                               a re-iterable is needed: validation is scored per alpha);
-#   methods: {name: merge(base, taus, alpha) -> params} for each name in config.methods.
+class _Split:
+    """A re-iterable of preprocessed host batches of one split (never all in memory)."""
+
+    def __init__(self, split, batch_size: int):
+        self.split, self.batch_size = split, batch_size
+
+    def __iter__(self):
+        from taskvec_jax import data
+        return iter(data.batches(self.split, self.batch_size))
+
+
 def wire_data_and_merging(config) -> tuple[LoadSplit, dict[str, MergeFn]]:
-    try:
-        from taskvec_jax import data  # noqa: F401  (built in parallel; not on this branch)
-    except ImportError as err:
-        raise NotImplementedError(
-            "the CLIP benchmark needs taskvec_jax.data for the 8 datasets; it is not "
-            "installed in this checkout") from err
-    raise NotImplementedError("LEAD: wire taskvec_jax.data.load_split and "
-                              "taskvec_jax.merging methods here (see the comment above)")
-# ============================================================================ END WIRING
+    """``load_split(task, split)`` over :mod:`taskvec_jax.data` and the merging methods.
+
+    Images are preprocessed as CLIP's evaluation transform (resize the short side, center
+    crop to the model's resolution, CLIP's mean/std); labels follow tensorflow-datasets'
+    order, which is the order of :data:`taskvec_jax.zeroshot.CLASSNAMES` (tested). A task
+    whose data is not prepared raises :class:`taskvec_jax.data.DataNotFoundError` naming
+    the task, the data directory and how to provide it.
+    """
+    from taskvec_jax import data, merging
+
+    image_size = int(config.get("image_size", 224))
+    data_dir = config.get("data_dir", None)
+
+    def load_split(task: str, split: str):
+        opened = data.open_split(DATA_NAMES.get(task, task), split, image_size=image_size,
+                                 channels=3, normalization="clip", resize_mode="crop",
+                                 data_dir=data_dir)
+        return _Split(opened, config.eval_batch_size)
+
+    key = jax.random.key(int(config.get("seed", 0)))
+    density = float(config.get("ties_density", 0.2))
+    drop = float(config.get("dare_drop_rate", 0.5))
+    table = {
+        "task_arithmetic": lambda base, taus, a: merging.task_arithmetic(base, taus, a),
+        "ties": lambda base, taus, a: merging.ties(base, taus, density=density, alpha=a),
+        "dare": lambda base, taus, a: merging.task_arithmetic(
+            base, [merging.dare(t, drop_rate=drop, key=jax.random.fold_in(key, i))
+                   for i, t in enumerate(taus)], a),
+        "breadcrumbs": lambda base, taus, a: merging.breadcrumbs(base, taus, alpha=a),
+    }
+    unknown = set(config.methods) - set(table)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {sorted(table)}")
+    return load_split, {name: table[name] for name in config.methods}
 
 
 def _batches(data, batch_size: int):
@@ -280,8 +303,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from taskvec_jax.data import DataNotFoundError
     try:
         main()
-    except MissingWeightsError as err:
+    except (MissingWeightsError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

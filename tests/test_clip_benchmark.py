@@ -91,9 +91,9 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     data = {(t, split): {"image": rng.normal(size=(n, 30, 30, 3)).astype(np.float32),
                          "label": rng.integers(0, len(config.prompts[t]["classnames"]), n)}
             for t in tasks for split, n in (("validation", 11), ("test", 13))}
+    _, methods = bench.wire_data_and_merging(config)
     results = bench.run_benchmark(config, pretrained, finetuned, heads,
-                                  lambda t, s: data[(t, s)],
-                                  {"task_arithmetic": bench.task_arithmetic})
+                                  lambda t, s: data[(t, s)], methods)
 
     # Every accuracy equals an independent full-batch evaluation with the foundation's
     # accuracy() (no host batching, no padding).
@@ -124,3 +124,16 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert "| Method | A | B | Avg |" in table
     assert f"| task_arithmetic (alpha={best:g}) |" in table
     assert "Normalized accuracy" in table and "AdaMerging" in table
+
+
+def test_wiring_reads_the_data_registry_and_offers_every_method(tmp_path):
+    from taskvec_jax.data import DataNotFoundError
+    config = bench.load_config(CONFIG)
+    config.data_dir = str(tmp_path / "tfds")
+    load_split, methods = bench.wire_data_and_merging(config)
+    assert sorted(methods) == sorted(config.methods)
+    with pytest.raises(DataNotFoundError, match="sun397"):
+        load_split("SUN397", "test")
+    config.methods = ("task_arithmetic", "bogus")
+    with pytest.raises(ValueError, match="unknown methods"):
+        bench.wire_data_and_merging(config)
