@@ -288,32 +288,30 @@ def _second_order(loss_fn, params, datasets, lr, alpha, num_epochs, hessian_at,
                         datasets, sums)
         return _sum_trees(hv)
 
+    def add_curvature(theta, sums, c, do_it):
+        # lax.cond runs one branch at run time (the scan index is never batched), so
+        # the HVPs happen only when do_it holds: T per productive step, T (K - 1) in all.
+        return jax.lax.cond(do_it, lambda: _axpy(alpha, curvature(theta, sums), c),
+                            lambda: c)
+
+    def body(carry, e):
+        theta, sums, c = carry
+        if hessian_at == "current":
+            # C_{e+1} = C_e + alpha sum_t H_t(theta^(e)) sum_{m<e} r_t(theta^(m)).
+            c = add_curvature(theta, sums, c, e > 0)
+        g_mt, r = grads_and_residuals(theta)
+        sums = [tree_lib.add(s, rt) for s, rt in zip(sums, r)]
+        if hessian_at == "previous":
+            # C_{e+2} = C_{e+1} + alpha sum_t H_t(theta^(e)) sum_{m<=e} r_t(theta^(m)).
+            c = add_curvature(theta, sums, c, e < num_epochs - 1)
+        return (_axpy(-step, g_mt, theta), sums, c), c
+
+    init = (params, [zeros] * len(datasets), zeros)
+    _, cs = jax.lax.scan(body, init, jnp.arange(num_epochs))
     if hessian_at == "current":
-        # C_{e+1} = C_e + alpha sum_t H_t(theta^(e)) S_t^(e), S_t^(e) = sum_{m<e} r_t(theta^(m)).
-        g_mt, r = grads_and_residuals(params)
-        theta1 = _axpy(-step, g_mt, params)
-
-        def body(carry, _):
-            theta, sums, c = carry
-            c = _axpy(alpha, curvature(theta, sums), c)
-            g_mt, r = grads_and_residuals(theta)
-            sums = [tree_lib.add(s, rt) for s, rt in zip(sums, r)]
-            return (_axpy(-step, g_mt, theta), sums, c), c
-
-        init = (theta1, r, zeros)
-    else:
-        # C_{e+2} = C_{e+1} + alpha sum_t H_t(theta^(e)) sum_{m<=e} r_t(theta^(m)).
-        def body(carry, _):
-            theta, sums, c = carry
-            g_mt, r = grads_and_residuals(theta)
-            sums = [tree_lib.add(s, rt) for s, rt in zip(sums, r)]
-            c = _axpy(alpha, curvature(theta, sums), c)
-            return (_axpy(-step, g_mt, theta), sums, c), c
-
-        init = (params, [zeros] * len(datasets), zeros)
-
-    _, cs = jax.lax.scan(body, init, None, length=num_epochs - 1)
-    return jax.tree.map(lambda z, x: jnp.concatenate([z[None], x]), zeros, cs)
+        return cs  # cs[e] = C_{e+1}
+    # cs[e] = C_{e+2}; C_1 = 0 and the last step adds nothing.
+    return jax.tree.map(lambda z, x: jnp.concatenate([z[None], x[:-1]]), zeros, cs)
 
 
 def second_order_term(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[PyTree],
@@ -332,10 +330,11 @@ def second_order_term(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[P
     ``H_t(theta_MT^(e-1))`` (the indexing of the paper's summary, sum over ``e = 0..k-2``);
     the two forms differ by ``O(lr)``, so both satisfy the same ``O(lr^3)`` statement.
 
-    Cost: the inner sum is a running sum ``S_t`` carried through a ``lax.scan``, so all of
-    ``C_1..C_K`` together take exactly ``T * (K - 1)`` Hessian-vector products (one per
-    task per scan step; ``C_1 = 0`` needs none) and ``T * K`` (current) or
-    ``T * (K - 1)`` (previous) gradients; never a dense Hessian.
+    Cost: the inner sum is a running sum ``S_t`` carried through a ``lax.scan`` over the
+    ``K`` multitask steps, so all of ``C_1..C_K`` together take exactly ``T * (K - 1)``
+    Hessian-vector products (one per task per step, skipped by ``lax.cond`` on the one
+    step that contributes nothing: ``C_1 = 0``) and ``T * K`` gradients; never a dense
+    Hessian.
 
     Jittable and vmappable in ``params``, ``task_datasets``, ``lr`` and ``alpha``.
 
