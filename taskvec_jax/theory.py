@@ -393,6 +393,17 @@ def trajectory_curvature(loss_fn: LossFn, params: PyTree,
 
     These are the quantities Theorem 2 bounds by ``G_max`` and ``H_max``. Jittable and
     vmappable; power iterations for all points and tasks run together (``vmap``).
+
+    Args:
+      loss_fn, params, task_datasets, lr, alpha, num_epochs: as in
+        :func:`second_order_term`; the trajectory is :func:`multitask_gd`'s.
+      key: PRNG key for the power iterations' starting vectors (one per point and task).
+      tol, max_iters: the power iteration's tolerance and cap
+        (:func:`taskvec_jax.hessian.power_iteration`).
+      microbatch_size: compute gradients and HVPs in chunks of this many examples.
+
+    Returns:
+      A :class:`TrajectoryCurvature`.
     """
     datasets = _check_tasks(task_datasets)
     num_epochs = _check_epochs(num_epochs)
