@@ -54,3 +54,15 @@ __all__ = [
     "merging", "models", "multitask_finetune", "num_examples", "parallel", "task_vector",
     "tree", "zeroshot",
 ]
+
+# Theory (issue 3): Hessian-vector products, Theorem 1's gap and C_k, Theorem 2's bound.
+from taskvec_jax import hessian, theory  # noqa: E402
+from taskvec_jax.hessian import hvp  # noqa: E402
+from taskvec_jax.theory import (  # noqa: E402
+    feedforward_bound,
+    second_order_term,
+    task_arithmetic_gap,
+)
+
+__all__ += ["feedforward_bound", "hessian", "hvp", "second_order_term",
+            "task_arithmetic_gap", "theory"]
