@@ -25,12 +25,15 @@ from taskvec_jax import (
     analysis,
     checkpoint,
     data,
+    hessian,
     merging,
     models,
     parallel,
+    theory,
     tree,
     zeroshot,
 )
+from taskvec_jax.hessian import hvp
 from taskvec_jax.finetune import (
     Trajectory,
     finetune,
@@ -38,6 +41,11 @@ from taskvec_jax.finetune import (
     mean_value_and_grad,
     multitask_finetune,
     num_examples,
+)
+from taskvec_jax.theory import (
+    feedforward_bound,
+    second_order_term,
+    task_arithmetic_gap,
 )
 from taskvec_jax.task_vectors import (
     apply,
@@ -50,19 +58,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Trajectory", "analysis", "apply", "check_compatible", "check_task_vectors",
-    "checkpoint", "data", "finetune", "finetune_tasks", "mean_value_and_grad",
-    "merging", "models", "multitask_finetune", "num_examples", "parallel", "task_vector",
-    "tree", "zeroshot",
+    "checkpoint", "data", "feedforward_bound", "finetune", "finetune_tasks", "hessian",
+    "hvp", "mean_value_and_grad", "merging", "models", "multitask_finetune",
+    "num_examples", "parallel", "second_order_term", "task_arithmetic_gap",
+    "task_vector", "theory", "tree", "zeroshot",
 ]
-
-# Theory (issue 3): Hessian-vector products, Theorem 1's gap and C_k, Theorem 2's bound.
-from taskvec_jax import hessian, theory  # noqa: E402
-from taskvec_jax.hessian import hvp  # noqa: E402
-from taskvec_jax.theory import (  # noqa: E402
-    feedforward_bound,
-    second_order_term,
-    task_arithmetic_gap,
-)
-
-__all__ += ["feedforward_bound", "hessian", "hvp", "second_order_term",
-            "task_arithmetic_gap", "theory"]

@@ -30,8 +30,8 @@ def run(setup, workdir: str) -> dict:
         res = tvj.theory.task_arithmetic_gap(loss_fn, params, tasks, float(lr), c.alpha,
                                              c.epochs)
         terms = tvj.theory.second_order_term(loss_fn, params, tasks, float(lr), c.alpha,
-                                             c.epochs)
-        gaps.append(np.asarray(res.gap_norm))
+                                             c.epochs, all_epochs=True)
+        gaps.append(np.asarray(res.gap_norms))
         residuals.append([float(tvj.tree.norm(tvj.tree.add_scale(
             jax.tree.map(lambda g: g[k], res.gap), -float(lr) ** 2,
             jax.tree.map(lambda t: t[k], terms))))

@@ -1,0 +1,268 @@
+"""Merging at real scale: 8 task vectors of ViT-B/32 size (~88M float32 parameters).
+
+Each method runs in its own process so that its peak resident memory (``VmHWM``) is its
+own. Times are compared with the memory-copy floor (bytes read + written / measured copy
+bandwidth), memory with model sizes, and each method with its PyTorch form written the
+way the peer repositories do it (state-dict arithmetic; TIES on the stacked flat
+``[T, P]`` matrix with ``kthvalue``, as in ties-merging).
+
+    python -m benchmarks.bench_merging             # full ViT-B/32 size, T = 8
+    python -m benchmarks.bench_merging --quick     # 2 of the 12 blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+JAX_METHODS = ("task_arithmetic", "ties_global", "ties_leaf", "dare", "breadcrumbs")
+TORCH_METHODS = ("torch_task_arithmetic", "torch_ties_global", "torch_dare",
+                 "torch_breadcrumbs")
+
+
+def vit_b32_shapes(blocks: int = 12) -> dict[str, tuple[int, ...]]:
+    """Leaf shapes of CLIP ViT-B/32's image tower (87.8M parameters with 12 blocks)."""
+    w, mlp = 768, 3072
+    shapes = {"conv1": (w, 3, 32, 32), "class_embedding": (w,), "positional": (50, w),
+              "ln_pre/scale": (w,), "ln_pre/bias": (w,), "ln_post/scale": (w,),
+              "ln_post/bias": (w,), "proj": (w, 512)}
+    for b in range(blocks):
+        p = f"block{b}/"
+        shapes.update({p + "ln1/scale": (w,), p + "ln1/bias": (w,), p + "qkv/kernel": (w, 3 * w),
+                       p + "qkv/bias": (3 * w,), p + "out/kernel": (w, w), p + "out/bias": (w,),
+                       p + "ln2/scale": (w,), p + "ln2/bias": (w,),
+                       p + "fc/kernel": (w, mlp), p + "fc/bias": (mlp,),
+                       p + "proj/kernel": (mlp, w), p + "proj/bias": (w,)})
+    return shapes
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, Any]:
+    shapes = vit_b32_shapes(blocks)
+    n_params = int(sum(np.prod(s) for s in shapes.values()))
+    model_bytes = 4 * n_params
+    start_rss = _rss("VmRSS")
+    if method.startswith("torch_"):
+        import torch
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.manual_seed(0)
+        # generated in place (no host temporaries that would inflate the RSS baseline)
+        base = {k: torch.randn(s) for k, s in shapes.items()}
+        taus = [{k: torch.randn(s).mul_(1e-3) for k, s in shapes.items()}
+                for _ in range(num_tasks)]
+        fn = _torch_method(method, base, taus)
+        block = lambda x: x  # noqa: E731
+    else:
+        import jax
+        import jax.numpy as jnp
+        from taskvec_jax import merging
+        key = jax.random.key(0)
+        normal = jax.jit(jax.random.normal, static_argnums=1)
+        base = {k: normal(jax.random.fold_in(key, i), s)
+                for i, (k, s) in enumerate(shapes.items())}
+        taus = [{k: normal(jax.random.fold_in(key, 1000 * (t + 1) + i), s) * 1e-3
+                 for i, (k, s) in enumerate(shapes.items())} for t in range(num_tasks)]
+        table = {
+            "task_arithmetic": lambda: merging.task_arithmetic(base, taus, 0.3),
+            "ties_global": lambda: merging.ties(base, taus, density=0.2, alpha=1.0,
+                                                scope="global"),
+            "ties_leaf": lambda: merging.ties(base, taus, density=0.2, alpha=1.0,
+                                              scope="leaf"),
+            "dare": lambda: merging.task_arithmetic(
+                base, [merging.dare(t, drop_rate=0.9, key=jax.random.fold_in(key, i))
+                       for i, t in enumerate(taus)], 0.3),
+            "breadcrumbs": lambda: merging.breadcrumbs(base, taus, alpha=0.3),
+        }
+        fn = table[method]
+        block = jax.block_until_ready
+    inputs_rss = _rss("VmRSS")
+    block(fn())                              # warm-up (compilation)
+    seconds = []
+    extra = []
+    for _ in range(repeats):
+        before = _rss("VmRSS")               # inputs + runtime (compiled code, caches)
+        _reset_peak()
+        t0 = time.perf_counter()
+        out = block(fn())
+        seconds.append(time.perf_counter() - t0)
+        extra.append(_rss("VmHWM") - before)  # temporaries + output of this call
+        del out
+    return {"method": method, "num_tasks": num_tasks, "params": n_params,
+            "model_bytes": model_bytes, "seconds": seconds,
+            "inputs_bytes": inputs_rss - start_rss,
+            "peak_bytes": (num_tasks + 1) * model_bytes + max(extra),
+            "copy_gbps": _copy_bandwidth(method)}
+
+
+def _copy_bandwidth(method: str) -> float:
+    """Bytes read + written per second of a 512 MB elementwise pass (``x + 1``)."""
+    n = 128 * 1024 * 1024
+    if method.startswith("torch_"):
+        import torch
+        x = torch.ones(n)
+        f, block = (lambda: x + 1.0), (lambda y: y)
+    else:
+        import jax
+        import jax.numpy as jnp
+        x = jnp.ones(n, jnp.float32)
+        g = jax.jit(lambda x: x + 1.0)
+        f, block = (lambda: g(x)), jax.block_until_ready
+    block(f())
+    best = min(_timed(f, block) for _ in range(5))
+    return 2 * 4 * n / best / 1e9
+
+
+def _timed(f, block) -> float:
+    t0 = time.perf_counter()
+    block(f())
+    return time.perf_counter() - t0
+
+
+def _torch_method(method, base, taus):
+    """The peers' state-dict forms (mlfoundations/task_vectors, ties-merging, MergeLM)."""
+    import torch
+
+    def task_arithmetic():
+        return {k: base[k] + 0.3 * sum(t[k] for t in taus) for k in base}
+
+    def ties_global():
+        keys = list(base)
+        flat = torch.stack([torch.cat([t[k].reshape(-1) for k in keys]) for t in taus])
+        k = int(flat.shape[1] * (1 - 0.2))
+        thresh = flat.abs().kthvalue(k, dim=1, keepdim=True).values
+        trimmed = flat * (flat.abs() >= thresh)
+        sign = torch.sign(trimmed.sum(0))
+        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+        merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+        out, start = {}, 0
+        for key in keys:
+            size = base[key].numel()
+            out[key] = base[key] + merged[start:start + size].view_as(base[key])
+            start += size
+        return out
+
+    def dare():
+        gen = torch.Generator().manual_seed(0)
+        out = {k: v.clone() for k, v in base.items()}
+        for t in taus:
+            for k in base:
+                keep = torch.rand(t[k].shape, generator=gen) >= 0.9
+                out[k] += 0.3 * t[k] * keep / (1 - 0.9)
+        return out
+
+    def breadcrumbs():
+        out = {k: v.clone() for k, v in base.items()}
+        for t in taus:
+            for k, v in t.items():
+                rows = v.reshape(-1, v.shape[-1])
+                n = rows.shape[1]
+                top = max(1, int(round(0.006 * n)))
+                keep = max(1, int(round(0.15 * n)))
+                order = rows.abs().argsort(dim=1, descending=True)
+                mask = torch.zeros_like(rows, dtype=torch.bool)
+                mask.scatter_(1, order[:, top:top + keep], True)
+                out[k] += 0.3 * (rows * mask).view_as(v)
+        return out
+
+    return {"torch_task_arithmetic": task_arithmetic, "torch_ties_global": ties_global,
+            "torch_dare": dare, "torch_breadcrumbs": breadcrumbs}[method]
+
+
+def run(quick: bool = False, methods=None) -> list[dict[str, Any]]:
+    blocks, repeats, t = (2, 2, 8) if quick else (12, 3, 8)
+    results = {}
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    try:
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    for method in methods or (JAX_METHODS + (TORCH_METHODS if have_torch else ())):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.bench_merging", "--worker", method,
+             "--tasks", str(t), "--blocks", str(blocks), "--repeats", str(repeats)],
+            cwd=root, capture_output=True, text=True,
+            env={**os.environ, "XLA_FLAGS": os.environ.get("BENCH_XLA_FLAGS", "")})
+        if proc.returncode:
+            raise RuntimeError(f"{method} failed:\n{proc.stderr[-3000:]}")
+        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return summarize(results)
+
+
+def summarize(results: dict) -> list[dict[str, Any]]:
+    from benchmarks.harness import Stats
+    out = []
+    for method, r in results.items():
+        if method.startswith("torch_"):
+            continue
+        mb, t = r["model_bytes"], r["num_tasks"]
+        secs = Stats.of(r["seconds"])
+        floor = (t + 2) * mb / (r["copy_gbps"] * 1e9)
+        entry = {"name": f"{method}: time / copy floor",
+                 "setting": f"T={t}, {r['params'] / 1e6:.1f}M float32 params "
+                            f"(ViT-B/32 shapes), floor = (T+2) x model bytes / "
+                            f"{r['copy_gbps']:.1f} GB/s",
+                 "ratio": Stats(secs.min / floor, secs.median / floor, secs.max / floor),
+                 "target": "<= 2 for task_arithmetic" if method == "task_arithmetic"
+                 else "(informational)",
+                 "ok": secs.median / floor <= 2 if method == "task_arithmetic" else None,
+                 "extra": {"seconds": secs.median}}
+        out.append(entry)
+        peak = r["peak_bytes"] / mb
+        out.append({"name": f"{method}: peak memory / model bytes",
+                    "setting": f"inputs (T+1 = {t + 1} models; RSS grew by "
+                               f"{r['inputs_bytes'] / mb:.1f}) + the call's temporaries and "
+                               "output (VmHWM rise during the call)",
+                    "ratio": Stats(peak, peak, peak), "target": f"<= T+3 = {t + 3}",
+                    "ok": peak <= t + 3, "extra": {}})
+        twin = "torch_" + method.replace("ties_leaf", "none")
+        if twin in results:
+            tt = Stats.of(results[twin]["seconds"])
+            out.append({"name": f"{method}: time / PyTorch form",
+                        "setting": f"{twin}, torch CPU, same shapes",
+                        "ratio": Stats(secs.min / tt.max, secs.median / tt.median,
+                                       secs.max / tt.min),
+                        "target": "<= 1 for ties" if method.startswith("ties") else
+                        "(informational)",
+                        "ok": secs.median <= tt.median if method.startswith("ties") else None,
+                        "extra": {"torch_seconds": tt.median,
+                                  "torch_peak_models": results[twin]["peak_bytes"] / mb}})
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker")
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--blocks", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tasks, args.blocks, args.repeats)))
+    else:
+        for e in run(args.quick):
+            print(e["name"], e["ratio"].fmt(), e["target"])
