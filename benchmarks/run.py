@@ -1,0 +1,110 @@
+"""Runs the benchmarks and writes BENCHMARKS.md (figures as ratios measured side by side).
+
+    python -m benchmarks.run                       # everything, this machine
+    python -m benchmarks.run --quick               # smaller sizes
+    python -m benchmarks.run --only finetune theory
+
+Results of each platform are kept in ``benchmarks/results/<platform>.json``; BENCHMARKS.md
+is rendered from every JSON file there, so a GPU run (on a lent machine) and the CPU run
+appear side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SUITES = ("finetune", "theory", "merging", "parallel", "data")
+
+
+def _collect(names, quick):
+    from benchmarks import bench_finetune, bench_merging, bench_parallel, bench_theory
+    modules = {"finetune": bench_finetune, "theory": bench_theory, "merging": bench_merging,
+               "parallel": bench_parallel}
+    entries = []
+    for name in names:
+        if name == "data":
+            continue  # benchmarks/bench_data.py prints its own table (see BENCHMARKS.md)
+        t0 = time.time()
+        print(f"== {name}", flush=True)
+        got = modules[name].run(quick=quick)
+        for e in got:
+            e["suite"] = name
+            r = e.get("ratio")
+            print(f"   {e['name']}: {r.fmt() if r else 'n/a'}  target {e['target']}",
+                  flush=True)
+        entries += got
+        print(f"   ({time.time() - t0:.0f} s)", flush=True)
+    return entries
+
+
+def _serialize(entries):
+    out = []
+    for e in entries:
+        r = e.get("ratio")
+        out.append({**e, "ratio": None if r is None else
+                    {"min": r.min, "median": r.median, "max": r.max}})
+    return out
+
+
+def render(results_dir: str, path: str) -> None:
+    runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
+    lines = ["# Benchmarks", "",
+             "Every figure is a ratio of two things timed in alternation in the same process "
+             "(or, for memory, one process per method), reported as median (min - max) over "
+             "repeats. Produced by `bash scripts/bench.sh` (`python -m benchmarks.run`); "
+             "the GPU columns by the same command on a lent GPU machine.", ""]
+    for run in runs:
+        m = run["machine"]
+        lines += [f"## {m['platform'].upper()}: {m['device']} x{m['device_count']}", "",
+                  f"{run['date']}, `{run['command']}`, jax {m['jax']}, python {m['python']}, "
+                  f"{m['cores']} cores.", "",
+                  "| figure | setting | median (min - max) | target | met |",
+                  "|---|---|---|---|---|"]
+        for e in run["entries"]:
+            r = e["ratio"]
+            fig = "n/a" if r is None else f"{r['median']:.3g} ({r['min']:.3g} - {r['max']:.3g})"
+            met = {True: "yes", False: "**no**", None: ""}[e["ok"]]
+            lines.append(f"| {e['name']} | {e['setting']} | {fig} | {e['target']} | {met} |")
+        lines.append("")
+    notes = os.path.join(os.path.dirname(__file__), "NOTES.md")
+    if os.path.exists(notes):
+        lines += [open(notes).read()]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="*", choices=SUITES, default=None)
+    parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    from benchmarks.harness import machine
+    names = args.only or [s for s in SUITES]
+    entries = _collect(names, args.quick)
+    m = machine()
+    results_dir = os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{m['platform']}.json")
+    previous = json.load(open(path)) if os.path.exists(path) else {"entries": []}
+    kept = [e for e in previous["entries"] if e.get("suite") not in names]
+    with open(path, "w") as fh:
+        json.dump({"machine": m, "date": datetime.date.today().isoformat(),
+                   "command": "python -m benchmarks.run" + (" --quick" if args.quick else "")
+                   + (f" --only {' '.join(names)}" if args.only else ""),
+                   "entries": kept + _serialize(entries)}, fh, indent=1)
+    render(results_dir, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
