@@ -69,12 +69,17 @@ def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, 
         import torch
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         torch.manual_seed(0)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
         # generated in place (no host temporaries that would inflate the RSS baseline)
-        base = {k: torch.randn(s) for k, s in shapes.items()}
-        taus = [{k: torch.randn(s).mul_(1e-3) for k, s in shapes.items()}
+        base = {k: torch.randn(s, device=dev) for k, s in shapes.items()}
+        taus = [{k: torch.randn(s, device=dev).mul_(1e-3) for k, s in shapes.items()}
                 for _ in range(num_tasks)]
         fn = _torch_method(method, base, taus)
-        block = lambda x: x  # noqa: E731
+
+        def block(x):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            return x
     else:
         import jax
         import jax.numpy as jnp
@@ -110,6 +115,9 @@ def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, 
         seconds.append(time.perf_counter() - t0)
         extra.append(_rss("VmHWM") - before)  # temporaries + output of this call
         del out
+    device_peak = _device_peak(method)
+    if device_peak is not None:   # on an accelerator: its allocator's peak, not host RSS
+        extra = [device_peak - (num_tasks + 1) * model_bytes]
     return {"method": method, "num_tasks": num_tasks, "params": n_params,
             "model_bytes": model_bytes, "seconds": seconds,
             "inputs_bytes": inputs_rss - start_rss,
@@ -117,13 +125,28 @@ def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, 
             "copy_gbps": _copy_bandwidth(method)}
 
 
+def _device_peak(method: str) -> int | None:
+    """Peak accelerator bytes in use (inputs + temporaries + outputs), if on one."""
+    if method.startswith("torch_"):
+        import torch
+        return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+    import jax
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    stats = dev.memory_stats() or {}
+    return int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
+
+
 def _copy_bandwidth(method: str) -> float:
     """Bytes read + written per second of a 512 MB elementwise pass (``x + 1``)."""
     n = 128 * 1024 * 1024
     if method.startswith("torch_"):
         import torch
-        x = torch.ones(n)
-        f, block = (lambda: x + 1.0), (lambda y: y)
+        cuda = torch.cuda.is_available()
+        x = torch.ones(n, device="cuda" if cuda else "cpu")
+        f = lambda: x + 1.0  # noqa: E731
+        block = (lambda y: (torch.cuda.synchronize(), y)[1]) if cuda else (lambda y: y)
     else:
         import jax
         import jax.numpy as jnp
@@ -165,11 +188,11 @@ def _torch_method(method, base, taus):
         return out
 
     def dare():
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(device=next(iter(base.values())).device).manual_seed(0)
         out = {k: v.clone() for k, v in base.items()}
         for t in taus:
             for k in base:
-                keep = torch.rand(t[k].shape, generator=gen) >= 0.9
+                keep = torch.rand(t[k].shape, generator=gen, device=t[k].device) >= 0.9
                 out[k] += 0.3 * t[k] * keep / (1 - 0.9)
         return out
 

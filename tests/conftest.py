@@ -11,3 +11,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# Tolerances in the tests are derived from IEEE float32/float64 arithmetic; on GPUs JAX's
+# default float32 matmul precision is TF32 (about 1e-3 relative), so pin full precision.
+# A no-op on CPUs, where it is always full precision.
+jax.config.update("jax_default_matmul_precision", "highest")
