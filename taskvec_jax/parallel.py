@@ -49,6 +49,7 @@ from taskvec_jax.finetune import (  # the engine's internals, shared on purpose
     _run,
     _signature,
     num_examples,
+    split_leading,
 )
 from taskvec_jax import tree as tree_lib
 
@@ -239,11 +240,9 @@ def _replace(cfg: _Config, **changes) -> _Config:
 
 def unstack_trajectory(traj: Trajectory, num_tasks: int) -> list[Trajectory]:
     """Splits a stacked Trajectory into ``num_tasks`` per-task ones (drops padding)."""
-    pick = lambda tree, i: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
-    return [Trajectory(pick(traj.params, i), traj.epochs, traj.losses[i],
-                          None if traj.epoch_gradients is None
-                          else pick(traj.epoch_gradients, i), pick(traj.opt_state, i))
-            for i in range(num_tasks)]
+    parts = split_leading((traj.params, traj.losses, traj.epoch_gradients, traj.opt_state),
+                          num_tasks)
+    return [Trajectory(p, traj.epochs, loss, g, state) for p, loss, g, state in parts]
 
 
 # --------------------------------------------------------------------------- multi-host
