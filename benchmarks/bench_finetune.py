@@ -91,13 +91,15 @@ def _torch_model(kind: str):
 def _torch_epoch(model, x, y, batch_size, lr):
     import torch
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    perm = torch.randperm(x.shape[0])
+    perm = torch.randperm(x.shape[0], device=x.device)
     for s in range(x.shape[0] // batch_size):
         idx = perm[s * batch_size:(s + 1) * batch_size]
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
         opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return None
 
 
@@ -130,14 +132,15 @@ def scan_vs_loop_vs_torch(quick: bool = False) -> list[dict[str, Any]]:
             continue
         torch.manual_seed(0)
         torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
-        tm = _torch_model(kind)
-        x = torch.from_numpy(np.asarray(data["image"]).transpose(0, 3, 1, 2).copy())
-        y = torch.from_numpy(np.asarray(data["label"]).astype(np.int64))
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # the same kind of device as JAX
+        tm = _torch_model(kind).to(dev)
+        x = torch.from_numpy(np.asarray(data["image"]).transpose(0, 3, 1, 2).copy()).to(dev)
+        y = torch.from_numpy(np.asarray(data["label"]).astype(np.int64)).to(dev)
         r, t_torch, t_scan = ratio(lambda: _torch_epoch(tm, x, y, b, 0.01), scan,
                                    repeats=3 if quick else 5)
         out.append({"name": f"PyTorch eager / tvj.finetune ({kind})",
                     "setting": f"{kind.upper()}, N={n}, B={b}, one SGD epoch, float32, "
-                               f"torch {torch.__version__}",
+                               f"torch {torch.__version__} on {dev}",
                     "ratio": r, "target": ">= 1.5", "ok": r.median >= 1.5,
                     "extra": {"scan_s": t_scan.median, "torch_s": t_torch.median}})
     return out
