@@ -37,7 +37,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
         minibatch_optimizer="adam", minibatch_lr=1e-3, minibatch_epochs=32, batch_size=64))
     # ---- Theorem 1 on this model: lrs for the eta^2 law, epochs k = 1..theorem_epochs
     c.theorem = ml_collections.ConfigDict(dict(
-        lrs=(0.02, 0.01, 0.005, 0.0025), epochs=3, alpha=0.5, num_tasks=3))
+        lrs=(0.004, 0.002, 0.001, 0.0005), epochs=3, alpha=0.5, num_tasks=3))
     # ---- first-epoch dominance: cosine matrix over the first epochs
     c.dominance = ml_collections.ConfigDict(dict(cosine_epochs=8))
     # ---- merging task vectors after these epochs (and at convergence)
@@ -56,7 +56,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
         c.pretrain.epochs = 15
         c.heads.steps = 150
         c.finetune.update(dict(full_batch_epochs=32, minibatch_epochs=8))
-        c.theorem.update(dict(lrs=(0.01, 0.005, 0.0025), epochs=2))
+        c.theorem.update(dict(lrs=(0.004, 0.002, 0.001), epochs=2))
         c.merging.update(dict(epochs=(1, 2, 4, 8), alphas=(0.2, 0.4, 0.6, 1.0),
                               trajectories=("minibatch",)))
         c.atm.rounds = 4
