@@ -82,7 +82,6 @@ def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, 
             return x
     else:
         import jax
-        import jax.numpy as jnp
         from taskvec_jax import merging
         key = jax.random.key(0)
         normal = jax.jit(jax.random.normal, static_argnums=1)

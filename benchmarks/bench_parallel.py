@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 WORKER = r"""

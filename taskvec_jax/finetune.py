@@ -479,7 +479,13 @@ def finetune(
                       grads, opt_state)
 
 
-def _check_task_list(task_datasets) -> None:
+def check_task_datasets(task_datasets) -> tuple:
+    """Validates a non-empty sequence of per-task datasets; returns it as a tuple.
+
+    Raises:
+      ValueError: for a non-sequence, an empty sequence, or a task whose data is empty or
+        inconsistent (naming the task and leaf).
+    """
     if isinstance(task_datasets, dict) or not isinstance(task_datasets, Sequence):
         raise ValueError("task_datasets must be a sequence of datasets (one per task), "
                          f"got {type(task_datasets).__name__}")
@@ -487,6 +493,7 @@ def _check_task_list(task_datasets) -> None:
         raise ValueError("task_datasets is empty: pass at least one task's data")
     for t, d in enumerate(task_datasets):
         num_examples(d, name=f"task {t}")
+    return tuple(task_datasets)
 
 
 def _signature(data: PyTree):
@@ -528,12 +535,12 @@ def finetune_tasks(
     """
     if mesh is not None:
         from taskvec_jax import parallel
-        _check_task_list(task_datasets)
+        check_task_datasets(task_datasets)
         stacked, t = parallel.stack_tasks(task_datasets, parallel._check_mesh(mesh)[0])
         traj = parallel.finetune_stacked(loss_fn, params, stacked, optimizer, num_epochs,
                                          mesh, key=key, **kwargs)
         return parallel.unstack_trajectory(traj, t)
-    _check_task_list(task_datasets)
+    check_task_datasets(task_datasets)
     _check_params(params)
     sizes = [num_examples(d, name=f"task {t}") for t, d in enumerate(task_datasets)]
     names = [f"task {t}" for t in range(len(task_datasets))]
@@ -620,7 +627,7 @@ def multitask_finetune(
     """
     if mesh is not None:
         from taskvec_jax import parallel
-        _check_task_list(task_datasets)
+        check_task_datasets(task_datasets)
         nt, _ = parallel._check_mesh(mesh)
         stacked, t = parallel.stack_tasks(task_datasets, nt)
         w = jnp.ones(t) if weights is None else jnp.asarray(weights)
@@ -630,7 +637,7 @@ def multitask_finetune(
         w = jnp.concatenate([w, jnp.zeros(-t % nt, w.dtype)])
         return parallel.multitask_stacked(loss_fn, params, stacked, optimizer, num_epochs,
                                           mesh, weights=w, **kwargs)
-    _check_task_list(task_datasets)
+    check_task_datasets(task_datasets)
     _check_params(params)
     sizes = [num_examples(d, name=f"task {t}") for t, d in enumerate(task_datasets)]
     names = [f"task {t}" for t in range(len(task_datasets))]

@@ -42,10 +42,10 @@ import optax
 from taskvec_jax import hessian as hessian_lib
 from taskvec_jax import tree as tree_lib
 from taskvec_jax.finetune import (
+    check_task_datasets,
     finetune_tasks,
     mean_value_and_grad,
     multitask_finetune,
-    num_examples,
 )
 
 PyTree = Any
@@ -62,17 +62,6 @@ HESSIAN_AT = ("current", "previous")
 
 
 # --------------------------------------------------------------------------- validation
-
-def _check_tasks(task_datasets: Sequence[PyTree]) -> tuple[PyTree, ...]:
-    if isinstance(task_datasets, dict) or not isinstance(task_datasets, Sequence):
-        raise ValueError("task_datasets must be a sequence of datasets (one per task), "
-                         f"got {type(task_datasets).__name__}")
-    if len(task_datasets) == 0:
-        raise ValueError("task_datasets is empty: pass at least one task's data")
-    for t, d in enumerate(task_datasets):
-        num_examples(d, name=f"task {t}")
-    return tuple(task_datasets)
-
 
 def _check_epochs(num_epochs: int) -> int:
     if isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer)) \
@@ -212,7 +201,7 @@ def task_arithmetic_gap(loss_fn: LossFn, params: PyTree, task_datasets: Sequence
     Returns:
       A :class:`TaskArithmeticGap`.
     """
-    datasets = _check_tasks(task_datasets)
+    datasets = check_task_datasets(task_datasets)
     num_epochs = _check_epochs(num_epochs)
     dtype = _float_dtype(params)
     for name in ("keep_epochs", "opt_state", "start_epoch", "record_gradients"):
@@ -262,7 +251,7 @@ def multitask_gd(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[PyTree
     Returns:
       A pytree whose leaves have a leading axis of length ``K + 1`` (index 0 = ``theta_0``).
     """
-    datasets = _check_tasks(task_datasets)
+    datasets = check_task_datasets(task_datasets)
     num_epochs = _check_epochs(num_epochs)
     _float_dtype(params)
     return _multitask_gd(loss_fn, params, datasets, lr, alpha, num_epochs,
@@ -357,7 +346,7 @@ def second_order_term(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[P
     Returns:
       ``C_K`` (a pytree shaped like ``params``), or all ``C_k`` if ``all_epochs``.
     """
-    datasets = _check_tasks(task_datasets)
+    datasets = check_task_datasets(task_datasets)
     num_epochs = _check_epochs(num_epochs)
     _float_dtype(params)
     if hessian_at not in HESSIAN_AT:
@@ -405,7 +394,7 @@ def trajectory_curvature(loss_fn: LossFn, params: PyTree,
     Returns:
       A :class:`TrajectoryCurvature`.
     """
-    datasets = _check_tasks(task_datasets)
+    datasets = check_task_datasets(task_datasets)
     num_epochs = _check_epochs(num_epochs)
     _float_dtype(params)
     return _trajectory_curvature(loss_fn, params, datasets, lr, alpha, num_epochs, key,

@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from taskvec_jax.models import CNN, MLP, ViT, accuracy, make_loss_fn, mse

@@ -1,6 +1,5 @@
 """Every notebook executes top to bottom, headless, on the embedded suite (small sizes)."""
 
-import os
 import pathlib
 
 import nbformat

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from taskvec_jax.merging import _common
 
