@@ -130,13 +130,15 @@ def pca_paths(paths: Mapping[str, np.ndarray], *, points: Mapping[str, np.ndarra
     """2-D paths (``[M, 2]`` each) and labelled points in a PCA plane."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 5))
+    colors = plt.get_cmap("tab20" if len(paths) > 10 else "tab10")
     for i, (label, xy) in enumerate(paths.items()):
         xy = np.asarray(xy)
-        ax.plot(xy[:, 0], xy[:, 1], "-o", ms=3, lw=1, color=f"C{i % 10}", label=label)
+        ax.plot(xy[:, 0], xy[:, 1], "-o", ms=3, lw=1, color=colors(i % colors.N),
+                label=label)
     for i, (label, xy) in enumerate((points or {}).items()):
         xy = np.atleast_2d(np.asarray(xy))
         ax.scatter(xy[:, 0], xy[:, 1], marker="**Dsv^"[i % 6], s=90, zorder=5,
-                   color="k" if i == 0 else f"C{(i + len(paths)) % 10}", label=label)
+                   color="k", label=label)
     if explained is not None and len(explained) >= 2:
         ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f}% of variance)")
         ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f}% of variance)")
