@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from taskvec_jax import hessian as hessian_lib
 from taskvec_jax import tree as tree_lib
@@ -92,12 +93,15 @@ def _signature(data: PyTree):
     return treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves)
 
 
-def _map_tasks(fn: Callable, datasets: Sequence[PyTree], *per_task: Sequence[PyTree]
-               ) -> list:
+def _map_tasks(fn: Callable, datasets: Sequence[PyTree], *per_task: Sequence[PyTree],
+               mesh=None) -> list:
     """``[fn(datasets[t], *(a[t] for a in per_task)) for t]``, vmapped over same-shape tasks.
 
     Tasks whose data share tree structure, shapes and dtypes run as one ``vmap`` (the
     compiled program holds one copy of ``fn``, not ``T``); the others run one by one.
+    With a ``(tasks, data)`` mesh (inside ``jit``), a group's stacked data are constrained
+    to ``P("tasks", "data")`` and the per-task arguments to ``P("tasks")``: XLA then runs
+    the tasks on different devices and reduces each task's mean over the ``data`` axis.
     """
     groups: dict[Any, list[int]] = {}
     for t, d in enumerate(datasets):
@@ -110,15 +114,26 @@ def _map_tasks(fn: Callable, datasets: Sequence[PyTree], *per_task: Sequence[PyT
             continue
         stacked = [tree_lib.stack([seq[t] for t in members])
                    for seq in (datasets, *per_task)]
+        if mesh is not None:
+            stacked = [_constrain(tree, mesh, P("tasks", "data") if i == 0 else P("tasks"))
+                       for i, tree in enumerate(stacked)]
         res = jax.vmap(fn)(*stacked)
         for i, t in enumerate(members):
             out[t] = jax.tree.map(lambda x, i=i: x[i], res)
     return out
 
 
-def _task_grads(loss_fn, params, datasets, microbatch_size):
+def _constrain(tree: PyTree, mesh, spec) -> PyTree:
+    """``with_sharding_constraint`` on every leaf, ``spec`` trimmed to the leaf's rank."""
+    def one(x):
+        parts = tuple(spec)[:x.ndim]
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*parts)))
+    return jax.tree.map(one, tree)
+
+
+def _task_grads(loss_fn, params, datasets, microbatch_size, mesh=None):
     return _map_tasks(lambda d: mean_value_and_grad(loss_fn, params, d, microbatch_size)[1],
-                      datasets)
+                      datasets, mesh=mesh)
 
 
 def _sum_trees(trees):
@@ -259,14 +274,14 @@ def multitask_gd(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[PyTree
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_epochs", "hessian_at",
-                                             "microbatch_size", "hvp_fn"))
+                                             "microbatch_size", "hvp_fn", "mesh"))
 def _second_order(loss_fn, params, datasets, lr, alpha, num_epochs, hessian_at,
-                  microbatch_size, hvp_fn):
+                  microbatch_size, hvp_fn, mesh=None):
     step = alpha * lr
     zeros = tree_lib.zeros_like(params)
 
     def grads_and_residuals(theta):
-        g = _task_grads(loss_fn, theta, datasets, microbatch_size)
+        g = _task_grads(loss_fn, theta, datasets, microbatch_size, mesh)
         g_mt = _sum_trees(g)
         return g_mt, [_axpy(-alpha, g_mt, gt) for gt in g]  # r_t = g_t - alpha g_MT
 
@@ -274,7 +289,7 @@ def _second_order(loss_fn, params, datasets, lr, alpha, num_epochs, hessian_at,
         # alpha * sum_t H_t(theta) S_t: exactly T Hessian-vector products.
         hv = _map_tasks(lambda d, s: hvp_fn(loss_fn, theta, d, s,
                                             microbatch_size=microbatch_size),
-                        datasets, sums)
+                        datasets, sums, mesh=mesh)
         return _sum_trees(hv)
 
     def add_curvature(theta, sums, c, do_it):
@@ -306,7 +321,7 @@ def _second_order(loss_fn, params, datasets, lr, alpha, num_epochs, hessian_at,
 def second_order_term(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[PyTree],
                       lr, alpha, num_epochs: int, *, hessian_at: str = "current",
                       all_epochs: bool = False, microbatch_size: int | None = None,
-                      hvp_fn: Callable | None = None) -> PyTree:
+                      hvp_fn: Callable | None = None, mesh=None) -> PyTree:
     """The ``eta^2`` coefficient ``C_k`` of Theorem 1, from Hessian-vector products.
 
     ``theta_TA^(k) - theta_MT^(k) = lr^2 * C_k + O(lr^3)`` with
@@ -342,6 +357,9 @@ def second_order_term(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[P
       hvp_fn: replaces :func:`taskvec_jax.hessian.hvp` (same signature,
         ``hvp_fn(loss_fn, params, data, v, microbatch_size=None)``), e.g. to count
         evaluations or to use a Gauss-Newton product. Must be hashable (it is static).
+      mesh: a ``(tasks, data)`` mesh (:func:`taskvec_jax.parallel.make_mesh`): tasks of
+        equal data shapes are spread over ``tasks`` and each task's examples over
+        ``data`` (the same result, up to the order of floating-point sums).
 
     Returns:
       ``C_K`` (a pytree shaped like ``params``), or all ``C_k`` if ``all_epochs``.
@@ -352,7 +370,7 @@ def second_order_term(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[P
     if hessian_at not in HESSIAN_AT:
         raise ValueError(f"hessian_at must be one of {HESSIAN_AT}, got {hessian_at!r}")
     cs = _second_order(loss_fn, params, datasets, lr, alpha, num_epochs, hessian_at,
-                       microbatch_size, hvp_fn or hessian_lib.hvp)
+                       microbatch_size, hvp_fn or hessian_lib.hvp, mesh)
     return cs if all_epochs else jax.tree.map(lambda x: x[-1], cs)
 
 
