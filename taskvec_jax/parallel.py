@@ -168,14 +168,7 @@ def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
     Returns:
       One :class:`~taskvec_jax.Trajectory` whose leaves have a leading task axis ``T``.
     """
-    nt, nd = _check_mesh(mesh)
-    _check_params(params)
-    t = jax.tree.leaves(stacked_data)[0].shape[0]
-    if t % nt:
-        raise ValueError(f"{t} stacked tasks do not divide over the mesh's {nt} task "
-                         "shards; pad with taskvec_jax.parallel.stack_tasks")
-    sample = jax.tree.map(lambda x: x[0], stacked_data)
-    n = num_examples(sample, name="task 0")
+    t, sample, n = _check_stacked(params, stacked_data, mesh)
     cfg = _config(loss_fn, optimizer, num_epochs, key, n, kwargs)
     _check_loss_fn(loss_fn, params, sample, min(n, cfg.batch_size or n), "task 0")
     if cfg.batch_size is None:
@@ -200,17 +193,10 @@ def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
     its tasks' gradients on its rows; two ``psum``s (data, then tasks) give the multitask
     gradient, and the replicated optimizer step follows.
     """
-    nt, nd = _check_mesh(mesh)
-    _check_params(params)
-    t = jax.tree.leaves(stacked_data)[0].shape[0]
-    if t % nt:
-        raise ValueError(f"{t} stacked tasks do not divide over the mesh's {nt} task "
-                         "shards; pad with taskvec_jax.parallel.stack_tasks")
     if kwargs.get("batch_size") is not None:
         raise ValueError("multitask_finetune with mesh= runs full-batch GD; minibatch "
                          "multitask runs without a mesh")
-    sample = jax.tree.map(lambda x: x[0], stacked_data)
-    n = num_examples(sample, name="task 0")
+    _, sample, n = _check_stacked(params, stacked_data, mesh)
     cfg = _config(loss_fn, optimizer, num_epochs, None, n, kwargs)
     _check_loss_fn(loss_fn, params, sample, n, "task 0")
     cfg = _replace(cfg, data_axis=DATA, multitask_axis=TASKS)
@@ -220,6 +206,18 @@ def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
         params, opt_state, stacked_data, jnp.asarray(weights), jnp.asarray(start_epoch))
     return Trajectory(buffer, _kept_epochs(kwargs.get("keep_epochs"), num_epochs,
                                                  start_epoch), losses, grads, opt_state)
+
+
+def _check_stacked(params, stacked_data, mesh):
+    """Validates a sharded call; returns (T, task 0's data, its example count)."""
+    nt, _ = _check_mesh(mesh)
+    _check_params(params)
+    t = jax.tree.leaves(stacked_data)[0].shape[0]
+    if t % nt:
+        raise ValueError(f"{t} stacked tasks do not divide over the mesh's {nt} task "
+                         "shards; pad with taskvec_jax.parallel.stack_tasks")
+    sample = jax.tree.map(lambda x: x[0], stacked_data)
+    return t, sample, num_examples(sample, name="task 0")
 
 
 def _config(loss_fn, optimizer, num_epochs, key, n, kwargs) -> _Config:
