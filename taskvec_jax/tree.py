@@ -47,8 +47,8 @@ PyTree = Any
 __all__ = [
     "add", "add_scale", "cast", "cosine", "div", "full_like", "is_float",
     "leaves_with_paths", "max", "min", "mul", "norm", "ones_like", "path_str",
-    "ravel", "scale", "size", "stack", "sub", "sum", "unstack", "vdot", "where",
-    "zeros_like",
+    "ravel", "scale", "size", "stack", "sub", "sum", "unstack", "vdot", "weighted_sum",
+    "where", "zeros_like",
 ]
 
 
@@ -123,3 +123,53 @@ def is_float(x: Any) -> bool:
     if dtype is None:
         return isinstance(x, (float, complex))
     return bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+def accumulation_dtype(dtype: Any) -> Any:
+    """The dtype sums over tasks or models run in: at least float32 (bfloat16 sums lose
+    too much), the input's own dtype when it is wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def weighted_sum(trees, weights=None, *, start: PyTree | None = None) -> PyTree:
+    """Computes ``start + sum_t weights[t] * trees[t]`` leaf by leaf, accumulating in float32+.
+
+    This is THE weighted tree sum of the library (task arithmetic, multitask gradients,
+    ATM rounds, Theorem 1's ``theta_TA``). ``weights=None`` means all ones; ``weights`` may
+    be a traced ``[T]`` array. Leaves that are ``None`` or not floating point in
+    ``trees[0]`` are skipped: the output keeps ``start``'s value there (or ``None``
+    without ``start``). Each sum is accumulated in :func:`accumulation_dtype` and cast
+    back to ``start``'s dtype (or the trees' dtype), and the trees are read one at a time,
+    never stacked: memory is one accumulator per leaf.
+
+    Args:
+      trees: a non-empty sequence of trees with one structure (``None`` leaves allowed).
+      weights: ``None`` or ``T`` scalars (a sequence or a ``[T]`` array).
+      start: an optional tree of the same structure added to the sum (e.g. the base model).
+
+    Returns:
+      A tree shaped like ``start`` (or ``trees[0]``), in its dtypes.
+    """
+    is_none = lambda x: x is None  # noqa: E731
+    ref = trees[0] if start is None else start
+    ref_leaves, treedef = jax.tree.flatten(ref, is_leaf=is_none)
+    acc: list[Any] = [None] * len(ref_leaves)
+    for t, tree in enumerate(trees):
+        leaves = jax.tree.flatten(tree, is_leaf=is_none)[0]
+        for i, x in enumerate(leaves):
+            if x is None or not is_float(x):
+                continue
+            adt = accumulation_dtype(jnp.result_type(x))
+            term = jnp.asarray(x).astype(adt)
+            if weights is not None:
+                term = jnp.asarray(weights[t]).astype(adt) * term
+            acc[i] = term if acc[i] is None else acc[i] + term
+    out = []
+    for r, a in zip(ref_leaves, acc):
+        if a is None:
+            out.append(r if start is not None else None)
+        elif start is None:
+            out.append(a.astype(jnp.result_type(r)))
+        else:
+            out.append((r + a).astype(jnp.result_type(r)))
+    return jax.tree.unflatten(treedef, out)
