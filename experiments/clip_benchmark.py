@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import taskvec_jax as tvj
-from taskvec_jax import zeroshot
-from taskvec_jax.models import clip, clip_convert
+from taskvec_jax import clip
 
 PyTree = Any
 # (task, split) -> {"image", "label"} arrays, or an iterable of such batches.
@@ -74,10 +73,10 @@ def check_weights(config) -> dict[str, str]:
     missing = []
     for name, path in dirs.items():
         weights = any(os.path.isfile(os.path.join(path, f))
-                      for f in clip_convert.HF_WEIGHT_FILES)
+                      for f in clip.HF_WEIGHT_FILES)
         if not (os.path.isfile(os.path.join(path, "config.json")) and weights):
             repo = (config.pretrained if name == "pretrained" else config.finetuned[name]).repo_id
-            missing.append(f"  {name}: {path}\n    {clip_convert.download_hint(repo, path)}")
+            missing.append(f"  {name}: {path}\n    {clip.download_hint(repo, path)}")
     if missing:
         raise MissingWeightsError(
             f"{len(missing)} of {len(dirs)} CLIP checkpoints are missing under "
@@ -89,40 +88,38 @@ def check_weights(config) -> dict[str, str]:
 
 
 def load_encoders(config, dirs: Mapping[str, str] | None = None
-                  ) -> tuple[clip_convert.CLIPCheckpoint, dict[str, PyTree]]:
+                  ) -> tuple[clip.CLIPCheckpoint, dict[str, PyTree]]:
     """The converted pretrained CLIP and ``{task: finetuned image-tower params}``."""
     dirs = check_weights(config) if dirs is None else dirs
-    pretrained = clip_convert.load_hf_checkpoint(dirs["pretrained"])
-    finetuned = {task: clip_convert.load_image_encoder(dirs[task], pretrained)
+    pretrained = clip.load_hf_checkpoint(dirs["pretrained"])
+    finetuned = {task: clip.load_image_encoder(dirs[task], pretrained)
                  for task in config.tasks}
     return pretrained, finetuned
 
 
-def task_vectors(pretrained: clip_convert.CLIPCheckpoint,
+def task_vectors(pretrained: clip.CLIPCheckpoint,
                  finetuned: Mapping[str, PyTree]) -> dict[str, PyTree]:
     """``{task: theta_task - theta_pretrained}`` on the image tower."""
     base = pretrained.params["vision"]
     return {task: tvj.task_vector(params, base) for task, params in finetuned.items()}
 
 
-def build_heads(config, pretrained: clip_convert.CLIPCheckpoint,
+def build_heads(config, pretrained: clip.CLIPCheckpoint,
                 pretrained_dir: str) -> dict[str, jax.Array]:
     """Zero-shot heads ``{task: [classes, embed_dim]}``, cached in ``config.head_cache_dir``."""
-    tokenizer = zeroshot.load_tokenizer(pretrained_dir)
+    tokenizer = clip.load_tokenizer(pretrained_dir)
     heads = {}
     for task in config.tasks:
         prompts = config.prompts.get(task, None) if "prompts" in config else None
-        heads[task] = zeroshot.cached_zeroshot_head(
+        heads[task] = clip.cached_zeroshot_head(
             task, pretrained, tokenizer, cache_dir=config.head_cache_dir,
             classnames=None if prompts is None else list(prompts["classnames"]),
             templates=None if prompts is None else list(prompts["templates"]))
     return heads
 
 
-# Registry names of the literature's task names (taskvec_jax.data).
-DATA_NAMES = {"SUN397": "sun397", "Cars": "cars", "RESISC45": "resisc45",
-              "EuroSAT": "eurosat", "SVHN": "svhn", "GTSRB": "gtsrb", "MNIST": "mnist",
-              "DTD": "dtd"}
+# Registry names (taskvec_jax.data) of the literature's task names: the names lower-cased.
+DATA_NAMES = {task: task.lower() for task in clip.TASKS}
 
 
 class _Split:
@@ -141,7 +138,7 @@ def wire_data_and_merging(config) -> tuple[LoadSplit, dict[str, MergeFn]]:
 
     Images are preprocessed as CLIP's evaluation transform (resize the short side, center
     crop to the model's resolution, CLIP's mean/std); labels follow tensorflow-datasets'
-    order, which is the order of :data:`taskvec_jax.zeroshot.CLASSNAMES` (tested). A task
+    order, which is the order of :data:`taskvec_jax.clip.CLASSNAMES` (tested). A task
     whose data is not prepared raises :class:`taskvec_jax.data.DataNotFoundError` naming
     the task, the data directory and how to provide it.
     """
@@ -154,7 +151,7 @@ def wire_data_and_merging(config) -> tuple[LoadSplit, dict[str, MergeFn]]:
         opened = data.open_split(DATA_NAMES.get(task, task), split, image_size=image_size,
                                  channels=3, normalization="clip", resize_mode="crop",
                                  data_dir=data_dir)
-        return _Split(opened, config.eval_batch_size)
+        return _Split(opened, config.eval_microbatch_size)
 
     key = jax.random.key(int(config.get("seed", 0)))
     density = float(config.get("ties_density", 0.2))
@@ -183,8 +180,8 @@ def _batches(data, batch_size: int):
         yield from data
 
 
-def make_scorer(encoder: clip.CLIPVisionTransformer, batch_size: int):
-    """``score(params, head, data) -> accuracy`` over host batches of at most ``batch_size``.
+def make_scorer(encoder: clip.CLIPVisionTransformer, microbatch_size: int):
+    """``score(params, head, data) -> accuracy`` over host batches of ``microbatch_size``.
 
     One jitted step per (head, batch) shape: the last, short batch is padded and masked,
     so a split compiles once, and a split never has to fit on the device at once.
@@ -198,11 +195,11 @@ def make_scorer(encoder: clip.CLIPVisionTransformer, batch_size: int):
 
     def score(params, head, data) -> float:
         total = count = 0
-        for batch in _batches(data, batch_size):
+        for batch in _batches(data, microbatch_size):
             images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
             n = len(labels)
-            if n < batch_size:
-                pad = batch_size - n
+            if n < microbatch_size:
+                pad = microbatch_size - n
                 images = np.concatenate([images, np.zeros((pad,) + images.shape[1:],
                                                           images.dtype)])
                 labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
@@ -215,7 +212,7 @@ def make_scorer(encoder: clip.CLIPVisionTransformer, batch_size: int):
     return score
 
 
-def run_benchmark(config, pretrained: clip_convert.CLIPCheckpoint,
+def run_benchmark(config, pretrained: clip.CLIPCheckpoint,
                   finetuned: Mapping[str, PyTree], heads: Mapping[str, jax.Array],
                   load_split: LoadSplit, methods: Mapping[str, MergeFn]) -> dict:
     """Test accuracy of zero-shot, finetuned and merged encoders; alpha picked on validation.
@@ -233,7 +230,7 @@ def run_benchmark(config, pretrained: clip_convert.CLIPCheckpoint,
     taus = [tvj.task_vector(finetuned[t], base) for t in tasks]
     val = {t: load_split(t, config.validation_split) for t in tasks}
     test = {t: load_split(t, config.test_split) for t in tasks}
-    scorer = make_scorer(encoder, config.eval_batch_size)
+    scorer = make_scorer(encoder, config.eval_microbatch_size)
     score = lambda params, t, split: scorer(params, heads[t], split[t])
     acc = {"zero_shot": {t: score(base, t, test) for t in tasks},
            "finetuned": {t: score(finetuned[t], t, test) for t in tasks}}

@@ -18,12 +18,13 @@ The public surface::
     tvj.tree.cosine(tau_1, tau_2)
 
 Submodules: ``tree``, ``merging``, ``theory``, ``hessian``, ``analysis``, ``models``,
-``data``, ``parallel``, ``checkpoint``, ``zeroshot``, ``plotting`` (imported on use).
+``data``, ``parallel``, ``checkpoint``, ``clip``, ``plotting`` (imported on use).
 """
 
 from taskvec_jax import (
     analysis,
     checkpoint,
+    clip,
     data,
     hessian,
     merging,
@@ -31,7 +32,6 @@ from taskvec_jax import (
     parallel,
     theory,
     tree,
-    zeroshot,
 )
 from taskvec_jax.hessian import hvp
 from taskvec_jax.finetune import (
@@ -58,8 +58,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Trajectory", "analysis", "apply", "check_compatible", "check_task_vectors",
-    "checkpoint", "data", "feedforward_bound", "finetune", "finetune_tasks", "hessian",
+    "checkpoint", "clip", "data", "feedforward_bound", "finetune", "finetune_tasks", "hessian",
     "hvp", "mean_value_and_grad", "merging", "models", "multitask_finetune",
     "num_examples", "parallel", "second_order_term", "task_arithmetic_gap",
-    "task_vector", "theory", "tree", "zeroshot",
+    "task_vector", "theory", "tree",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import numpy as np
 
-START, END = "<|startoftext|>", "<|endoftext|>"
+from taskvec_jax.clip import END_TOKEN as END
+from taskvec_jax.clip import START_TOKEN as START
 
 # Merges of the tiny vocabulary: enough to form "photo", "of", "cat", "the" as words.
 MERGES = [("p", "h"), ("ph", "o"), ("pho", "t"), ("phot", "o</w>"), ("o", "f</w>"),
@@ -129,3 +131,16 @@ def save_hf_layout(directory: str, state: dict, config: dict) -> str:
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
     return directory
+
+
+@functools.lru_cache(maxsize=None)
+def image_encoder(config):
+    """``encode(vision_params, images) -> embeddings``, jitted once per ``VisionConfig``
+    (the image-tower twin of :func:`taskvec_jax.clip.text_encoder`): tests that apply
+    towers of one configuration share its compiled programs."""
+    import jax
+
+    from taskvec_jax import clip
+
+    tower = clip.CLIPVisionTransformer(config)
+    return jax.jit(lambda params, images: tower.apply({"params": params}, images))

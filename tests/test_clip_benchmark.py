@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import pytest
 import clip_helpers as helpers
 import taskvec_jax as tvj
 from experiments import clip_benchmark as bench
-from taskvec_jax.models import clip
+from taskvec_jax import clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "clip_vit_b32.py")
@@ -71,7 +72,7 @@ def _config(tmp_path, tasks):
                       "B": {"classnames": ["the", "cat"], "templates": ["a {}.", "the {}!"]}}
     config.methods = ("task_arithmetic",)
     config.alphas = (0.25, 0.5, 1.0)
-    config.eval_batch_size = 8
+    config.eval_microbatch_size = 8
     return config
 
 
@@ -99,12 +100,14 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     # accuracy() (no host batching, no padding).
     encoder = clip.CLIPVisionTransformer(pretrained.vision)
     base = pretrained.params["vision"]
+    # Jitted, with the head an argument: one program per (head, split) shape.
+    full_batch_accuracy = jax.jit(lambda params, head, batch: tvj.models.accuracy(
+        clip.image_classifier(encoder, head), params, batch))
 
     def acc(params, t, split):
         d = data[(t, split)]
-        return float(tvj.models.accuracy(clip.image_classifier(encoder, heads[t]), params,
-                                         {"image": jnp.asarray(d["image"]),
-                                          "label": jnp.asarray(d["label"])}))
+        return float(full_batch_accuracy(params, heads[t], {"image": jnp.asarray(d["image"]),
+                                                            "label": jnp.asarray(d["label"])}))
 
     merged = lambda a: tvj.apply(base, tvj.tree.add(taus["A"], taus["B"]), a)
     for t in tasks:

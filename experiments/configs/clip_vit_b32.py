@@ -14,14 +14,14 @@ directory, the ``huggingface_hub`` command that fetches it on a networked machin
 
 import ml_collections
 
-# Column order of the literature's tables (Yang et al. 2024, AdaMerging, Table 2; TIES).
-TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+# The 8 tasks, in the column order of the literature's tables (Yang et al. 2024,
+# AdaMerging, Table 2; TIES).
+from taskvec_jax.clip import TASKS
 
-# FusionBench's Hub names for the finetuned ViT-B/32 encoders (Cars is "stanford-cars").
-FINETUNED_REPOS = {task: f"tanganke/clip-vit-base-patch32_{name}" for task, name in {
-    "SUN397": "sun397", "Cars": "stanford-cars", "RESISC45": "resisc45",
-    "EuroSAT": "eurosat", "SVHN": "svhn", "GTSRB": "gtsrb", "MNIST": "mnist",
-    "DTD": "dtd"}.items()}
+# FusionBench's Hub names for the finetuned ViT-B/32 encoders: the task name lower-cased,
+# except Cars ("stanford-cars").
+FINETUNED_REPOS = {task: "tanganke/clip-vit-base-patch32_"
+                   + {"Cars": "stanford-cars"}.get(task, task.lower()) for task in TASKS}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tasks = TASKS
     c.finetuned = ml_collections.ConfigDict(
         {task: {"name": task, "repo_id": repo} for task, repo in FINETUNED_REPOS.items()})
-    # Optional {task: {"classnames": [...], "templates": [...]}} overriding zeroshot's lists.
+    # Optional {task: {"classnames": [...], "templates": [...]}} overriding taskvec_jax.clip's.
     c.prompts = ml_collections.ConfigDict()
     c.head_cache_dir = "results/clip_vit_b32/heads"
     c.results_dir = "results/clip_vit_b32"
@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.alphas = tuple(round(0.05 * i, 2) for i in range(1, 21))      # 0.05, 0.10, ..., 1.00
     c.validation_split = "validation"
     c.test_split = "test"
-    c.eval_batch_size = 256
+    c.eval_microbatch_size = 256   # examples per evaluation call (memory only)
 
     # The numbers this run is compared with: average absolute test accuracy (%) over the 8
     # tasks, ViT-B/32, as collected by Yang et al. (ICLR 2024, "AdaMerging", Table 2) from

@@ -1,4 +1,7 @@
-"""Flax models and the helpers that turn them into ``loss_fn(params, batch)``."""
+"""Flax models and the helpers that turn them into ``loss_fn(params, batch)``.
+
+CLIP lives in its own package, :mod:`taskvec_jax.clip`.
+"""
 
 from taskvec_jax.models.cnn import CNN
 from taskvec_jax.models.heads import (
@@ -24,15 +27,3 @@ __all__ = ["ACTIVATIONS", "CNN", "LOSSES", "MLP", "TaskHeads", "ViT", "accuracy"
            "apply_fn_of", "cross_entropy", "fit_linear_head", "get_activation",
            "make_loss_fn", "mse", "multihead_accuracy", "multihead_loss_fn", "stack_heads",
            "with_task_ids"]
-
-# CLIP (issue 9): the towers, and the converter from public checkpoints.
-from taskvec_jax.models import clip, clip_convert  # noqa: E402
-from taskvec_jax.models.clip import (  # noqa: E402
-    CLIP,
-    CLIPConfig,
-    CLIPTextTransformer,
-    CLIPVisionTransformer,
-)
-
-__all__ += ["CLIP", "CLIPConfig", "CLIPTextTransformer", "CLIPVisionTransformer", "clip",
-            "clip_convert"]

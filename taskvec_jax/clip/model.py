@@ -5,7 +5,7 @@ Yadav et al. 2023, TIES; Yang et al. 2024, AdaMerging) finetune the *image* towe
 ViT-B/32, ViT-B/16 or ViT-L/14 with a frozen zero-shot classification head per task, and
 merge the finetuned image towers. This module is that architecture, written so that the
 weights of the public Hugging Face checkpoints load into it unchanged
-(:mod:`taskvec_jax.models.clip_convert`) and give the same embeddings.
+(:mod:`taskvec_jax.clip.convert`) and give the same embeddings.
 
 Both towers are stacks of pre-LayerNorm residual blocks::
 
@@ -44,9 +44,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "ACTIVATIONS", "Attention", "CLIP", "CLIPConfig", "CLIPMLP", "CLIPTextTransformer",
+    "CLIPVisionTransformer", "CONFIGS", "IMAGE_MEAN", "IMAGE_STD", "ResidualBlock",
+    "TextConfig", "VisionConfig", "attention", "classification_logits", "get_config",
+    "image_classifier", "normalize", "preprocess", "quick_gelu",
+]
+
 PyTree = Any
 
-# The normalization the CLIP image processors apply (OpenAI CLIP, Hugging Face CLIPImageProcessor).
+# The normalization the CLIP image processors apply (OpenAI CLIP, Hugging Face
+# CLIPImageProcessor), per RGB channel of x / 255. The one definition in the library:
+# taskvec_jax.data's "clip" normalization reads these.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -219,8 +228,9 @@ class Attention(nn.Module):
         return dense(name="out_proj")(out.reshape(x.shape[:-1] + (width,)))
 
 
-class MLP(nn.Module):
-    """``fc2(act(fc1(x)))``."""
+class CLIPMLP(nn.Module):
+    """A block's feed-forward part: ``fc2(act(fc1(x)))`` (not :class:`taskvec_jax.models.MLP`,
+    the stand-alone classifier)."""
 
     mlp_dim: int
     act: str = "quick_gelu"
@@ -253,7 +263,7 @@ class ResidualBlock(nn.Module):
                                  use_fast_variance=False, **kw)
         x = x + Attention(self.heads, self.causal, name="attn", **kw)(
             norm(name="layer_norm1")(x))
-        return x + MLP(self.mlp_dim, self.act, name="mlp", **kw)(norm(name="layer_norm2")(x))
+        return x + CLIPMLP(self.mlp_dim, self.act, name="mlp", **kw)(norm(name="layer_norm2")(x))
 
 
 class CLIPVisionTransformer(nn.Module):
@@ -308,7 +318,7 @@ class CLIPTextTransformer(nn.Module):
     """CLIP's text tower: ``token ids [B, L] -> embeddings [B, embed_dim]`` (not normalized).
 
     Every row must contain its end-of-text token (the tokenizer in
-    :mod:`taskvec_jax.zeroshot` adds it); ``L <= context_length``. Attention is causal, so
+    :mod:`taskvec_jax.clip.zeroshot` adds it); ``L <= context_length``. Attention is causal, so
     whatever follows the end-of-text token (padding) does not change the result.
 
     Attributes:
@@ -393,7 +403,7 @@ def classification_logits(features: jax.Array, head: jax.Array) -> jax.Array:
     """Zero-shot classification: ``logits = (features / ||features||) @ head.T``.
 
     ``head`` is ``[num_classes, embed_dim]``: unit class embeddings times
-    ``exp(logit_scale)`` (:func:`taskvec_jax.zeroshot.zeroshot_head`), the frozen
+    ``exp(logit_scale)`` (:func:`taskvec_jax.clip.zeroshot_head`), the frozen
     ``ClassificationHead(normalize=True)`` of Ilharco et al. (2023).
     """
     return normalize(features) @ head.T.astype(features.dtype)

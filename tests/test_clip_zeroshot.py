@@ -1,28 +1,27 @@
 """Prompt tokenization with the checkpoint's tokenizer files, zero-shot heads and their cache."""
 
-import ast
 import os
-import re
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import clip_helpers as helpers
-from taskvec_jax import zeroshot
-from taskvec_jax.models import clip_convert
+from taskvec_jax import clip
+from taskvec_jax.clip import zeroshot
 
 
-@pytest.fixture
-def tokenizer_dir(tmp_path):
-    helpers.write_tokenizer_files(str(tmp_path / "tok"))
-    return tmp_path / "tok"
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tok")
+    helpers.write_tokenizer_files(str(directory))
+    return directory
 
 
 def test_tokenize_with_a_tiny_clip_vocabulary(tokenizer_dir):
     """Byte-level BPE with ``</w>`` word ends, lower case, whitespace collapsed, specials."""
     vocab = helpers.tiny_vocab()
-    tok = zeroshot.load_tokenizer(tokenizer_dir)
+    tok = clip.load_tokenizer(tokenizer_dir)
     ids = zeroshot.tokenize(tok, ["A  photo of a CAT.", "the cats"], context_length=12)
     v = lambda *ts: [vocab[t] for t in ts]
     s, e = vocab[helpers.START], vocab[helpers.END]
@@ -41,15 +40,15 @@ def test_tokenize_with_a_tiny_clip_vocabulary(tokenizer_dir):
 
 def test_tokenizer_json_and_vocab_files_agree(tokenizer_dir, tmp_path):
     """A ``tokenizer.json`` is preferred when present and gives the same ids."""
-    tok = zeroshot.load_tokenizer(tokenizer_dir)
+    tok = clip.load_tokenizer(tokenizer_dir)
     os.makedirs(tmp_path / "json")
     tok.save(str(tmp_path / "json" / "tokenizer.json"))
-    again = zeroshot.load_tokenizer(tmp_path / "json")
+    again = clip.load_tokenizer(tmp_path / "json")
     texts = ['a photo of the number: "7".', "I love my  Cat!"]
     np.testing.assert_array_equal(zeroshot.tokenize(again, texts, 32),
                                   zeroshot.tokenize(tok, texts, 32))
     with pytest.raises(FileNotFoundError, match="no tokenizer.json, nor vocab.json"):
-        zeroshot.load_tokenizer(tmp_path / "empty_dir_that_is_missing")
+        clip.load_tokenizer(tmp_path / "empty_dir_that_is_missing")
 
 
 def test_tokenizer_matches_transformers(tokenizer_dir, tmp_path):
@@ -60,29 +59,34 @@ def test_tokenizer_matches_transformers(tokenizer_dir, tmp_path):
     ref = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     texts = ["A  photo of a CAT.", "the cats", 'a photo of the number: "3".', "phot-o of it's"]
     expected = ref(texts, padding="max_length", max_length=32)["input_ids"]
-    ours = zeroshot.tokenize(zeroshot.load_tokenizer(tokenizer_dir), texts, 32)
+    ours = zeroshot.tokenize(clip.load_tokenizer(tokenizer_dir), texts, 32)
     np.testing.assert_array_equal(ours, np.array(expected))
     ref.save_pretrained(str(tmp_path / "saved"))
     assert os.path.isfile(tmp_path / "saved" / "tokenizer.json")
     np.testing.assert_array_equal(
-        zeroshot.tokenize(zeroshot.load_tokenizer(tmp_path / "saved"), texts, 32), ours)
+        zeroshot.tokenize(clip.load_tokenizer(tmp_path / "saved"), texts, 32), ours)
 
 
 def test_zeroshot_head_formula(tokenizer_dir):
     """head_c = exp(s) * normalize(mean_t normalize(e_{c,t})), checked against numpy with a
     deterministic fake text encoder; batching does not change the result."""
-    tok = zeroshot.load_tokenizer(tokenizer_dir)
+    tok = clip.load_tokenizer(tokenizer_dir)
     table = np.random.default_rng(0).normal(size=(len(helpers.tiny_vocab()), 6))
+
+    shapes = []
 
     def encode(ids):   # sum of per-token vectors up to the end token (a stand-in tower)
         ids = np.asarray(ids)
+        shapes.append(ids.shape)
         end = helpers.tiny_vocab()[helpers.END]
         keep = np.cumsum(ids == end, axis=1) == 0
         return jnp.asarray((table[ids] * keep[..., None]).sum(1))
 
     classes, templates = ["cat", "the photo", "of"], ["a {}.", "i love my {}!"]
     head = zeroshot.zeroshot_head(encode, tok, classes, templates, logit_scale=np.log(50.0),
-                                  context_length=16, batch_size=4)
+                                  context_length=16, chunk_size=4)
+    # 6 prompts in chunks of 4: the last chunk is padded, so every call has one shape.
+    assert shapes == [(4, 16), (4, 16)]
     expected = []
     for c in classes:
         e = np.stack([np.asarray(encode(zeroshot.tokenize(tok, [t.format(c)], 16)))[0]
@@ -93,8 +97,10 @@ def test_zeroshot_head_formula(tokenizer_dir):
     np.testing.assert_allclose(head, np.stack(expected), rtol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(head, axis=1), 50.0, rtol=1e-12)
     again = zeroshot.zeroshot_head(encode, tok, classes, templates, logit_scale=np.log(50.0),
-                                   context_length=16, batch_size=100)
+                                   context_length=16, chunk_size=100)
     np.testing.assert_allclose(again, head, rtol=1e-12)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        zeroshot.zeroshot_head(encode, tok, classes, templates, logit_scale=0.0, chunk_size=0)
 
 
 def test_zeroshot_head_matches_transformers(tmp_path, tokenizer_dir):
@@ -115,8 +121,8 @@ def test_zeroshot_head_matches_transformers(tmp_path, tokenizer_dir):
             w = e.mean(0)
             rows.append(w / w.norm())
         ref = (torch.stack(rows) * model.logit_scale.exp()).numpy()
-    ckpt = clip_convert.load_hf_checkpoint(tmp_path / "model")
-    head = zeroshot.cached_zeroshot_head("toy", ckpt, zeroshot.load_tokenizer(tokenizer_dir),
+    ckpt = clip.load_hf_checkpoint(tmp_path / "model")
+    head = zeroshot.cached_zeroshot_head("toy", ckpt, clip.load_tokenizer(tokenizer_dir),
                                          classnames=classes, templates=templates)
     np.testing.assert_allclose(head, ref, atol=1e-5, rtol=0)
 
@@ -125,8 +131,8 @@ def test_heads_are_cached_per_task_and_weights(tmp_path, tokenizer_dir, monkeypa
     """The second call reads the cache; other weights or prompts make another file."""
     state = helpers.hf_layout_state_dict(np.random.default_rng(0), vocab=len(helpers.tiny_vocab()))
     config = helpers.hf_layout_config(vocab=len(helpers.tiny_vocab()))
-    ckpt = clip_convert.convert_hf_state_dict(state, config)
-    tok = zeroshot.load_tokenizer(tokenizer_dir)
+    ckpt = clip.convert_hf_state_dict(state, config)
+    tok = clip.load_tokenizer(tokenizer_dir)
     kw = dict(cache_dir=tmp_path / "heads", classnames=["cat", "of"], templates=["a {}."])
     head = zeroshot.cached_zeroshot_head("toy", ckpt, tok, **kw)
     files = os.listdir(tmp_path / "heads")
@@ -138,55 +144,11 @@ def test_heads_are_cached_per_task_and_weights(tmp_path, tokenizer_dir, monkeypa
     with monkeypatch.context() as m:
         m.setattr(zeroshot, "zeroshot_head", fail)
         np.testing.assert_array_equal(zeroshot.cached_zeroshot_head("toy", ckpt, tok, **kw), head)
-    other = clip_convert.convert_hf_state_dict({**state, "logit_scale": np.float32(3.0)}, config)
+    other = clip.convert_hf_state_dict({**state, "logit_scale": np.float32(3.0)}, config)
     head2 = zeroshot.cached_zeroshot_head("toy", other, tok, **kw)
     np.testing.assert_allclose(head2, head * np.exp(3.0 - 2.6592), rtol=1e-5)
     zeroshot.cached_zeroshot_head("toy", ckpt, tok, **{**kw, "templates": ["the {}."]})
     assert len(os.listdir(tmp_path / "heads")) == 3
-    vision_only = clip_convert.CLIPCheckpoint(ckpt.vision, None, {"vision": ckpt.params["vision"]})
+    vision_only = clip.CLIPCheckpoint(ckpt.vision, None, {"vision": ckpt.params["vision"]})
     with pytest.raises(ValueError, match="need a checkpoint with the text tower"):
         zeroshot.cached_zeroshot_head("toy", vision_only, tok, **kw)
-
-
-# ----------------------------------------------------------------------------- the 8 tasks
-
-
-def test_templates_and_classnames_of_the_eight_tasks():
-    counts = {"Cars": (196, 8), "DTD": (47, 8), "EuroSAT": (10, 3), "GTSRB": (43, 3),
-              "MNIST": (10, 1), "RESISC45": (45, 18), "SUN397": (397, 2), "SVHN": (10, 1)}
-    assert set(zeroshot.TASKS) == set(counts)
-    for task, (n_classes, n_templates) in counts.items():
-        names, templates = zeroshot.task_prompts(task)
-        assert (len(names), len(templates)) == (n_classes, n_templates), task
-        assert len(set(names)) == n_classes, task
-        assert all(t.count("{}") == 1 for t in templates), task
-    with pytest.raises(ValueError, match="unknown task 'ImageNet'"):
-        zeroshot.task_prompts("ImageNet")
-
-
-def _tfds_file(*parts):
-    import tensorflow_datasets
-    return os.path.join(os.path.dirname(tensorflow_datasets.__file__), *parts)
-
-
-def _tfds_list(path, name):
-    src = open(_tfds_file(*path)).read()
-    return ast.literal_eval(re.search(rf"{name} = (\[.*?\])", src, re.S).group(1))
-
-
-def test_classnames_follow_tensorflow_datasets_label_order():
-    """Index i of each list names tfds label i (read from the metadata tfds ships)."""
-    names = zeroshot.CLASSNAMES
-    assert list(names["Cars"]) == _tfds_list(("image_classification", "cars196.py"), "_NAMES")
-    resisc = _tfds_list(("datasets", "resisc45", "resisc45_dataset_builder.py"), "_LABELS")
-    assert list(names["RESISC45"]) == [n.replace("_", " ") for n in resisc]
-    with open(_tfds_file("image_classification", "dtd_key_attributes.txt")) as f:
-        assert list(names["DTD"]) == [line.strip() for line in f if line.strip()]
-    with open(_tfds_file("image_classification", "sun397_labels.txt")) as f:
-        sun = [re.sub(r"^/[a-z]/", "", line.strip()).replace("/", " ").replace("_", " ")
-               for line in f if line.strip()]
-    assert list(names["SUN397"]) == sun
-    eurosat = _tfds_list(("image_classification", "eurosat.py"), "_LABELS")
-    assert eurosat[:3] == ["AnnualCrop", "Forest", "HerbaceousVegetation"]
-    assert names["EuroSAT"][:3] == ("annual crop land", "forest", "brushland or shrubland")
-    assert eurosat[-1] == "SeaLake" and names["EuroSAT"][-1] == "lake or sea"

@@ -9,8 +9,9 @@ merging literature, is::
     head    = exp(logit_scale) * [w_1; ...; w_C]                      # [C, embed_dim]
     logits  = normalize(image_encoder(x)) @ head.T       (clip.classification_logits)
 
-Prompts are tokenized with the checkpoint's own tokenizer files (``tokenizer.json``, or
-``vocab.json`` + ``merges.txt``) by the Hugging Face ``tokenizers`` library: CLIP's
+Prompts are tokenized with the checkpoint's own tokenizer (read by
+:func:`taskvec_jax.clip.load_tokenizer` from ``tokenizer.json``, or ``vocab.json`` +
+``merges.txt``) by the Hugging Face ``tokenizers`` library: CLIP's
 byte-level BPE with ``</w>`` word ends, lower-cased, between ``<|startoftext|>`` and
 ``<|endoftext|>``. Heads are cached per task on disk, keyed by a fingerprint of the
 tokens and the text-tower weights, so a stale head is never reused.
@@ -18,6 +19,7 @@ tokens and the text-tower weights, so a stale head is never reused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Any, Callable, Sequence
@@ -27,51 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from taskvec_jax import tree as tree_lib
-from taskvec_jax.zeroshot_classnames import CLASSNAMES
+from taskvec_jax import _checks
+from taskvec_jax.clip.convert import CLIPCheckpoint
+from taskvec_jax.clip.model import CLIPTextTransformer, TextConfig
+from taskvec_jax.clip.prompts import task_prompts
+
+__all__ = ["END_TOKEN", "START_TOKEN", "cached_zeroshot_head", "clip_bpe_tokenizer",
+           "plain_tokenizer", "text_encoder", "tokenize", "zeroshot_head"]
 
 PyTree = Any
 
-TASKS = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN")
-
-# The templates of Ilharco et al. (2023), github.com/mlfoundations/task_vectors
-# (src/datasets/templates.py), which FusionBench uses unchanged. ``{}`` is the class name.
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "Cars": ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
-             "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
-             "a photo of my old {}."),
-    "DTD": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.",
-            "a photo of a {} object.", "a photo of the {} texture.",
-            "a photo of the {} pattern.", "a photo of the {} thing.",
-            "a photo of the {} object."),
-    "EuroSAT": ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
-                "a centered satellite photo of the {}."),
-    "GTSRB": ('a zoomed in photo of a "{}" traffic sign.',
-              'a centered photo of a "{}" traffic sign.',
-              'a close up photo of a "{}" traffic sign.'),
-    "MNIST": ('a photo of the number: "{}".',),
-    "RESISC45": ("satellite imagery of {}.", "aerial imagery of {}.",
-                 "satellite photo of {}.", "aerial photo of {}.",
-                 "satellite view of {}.", "aerial view of {}.",
-                 "satellite imagery of a {}.", "aerial imagery of a {}.",
-                 "satellite photo of a {}.", "aerial photo of a {}.",
-                 "satellite view of a {}.", "aerial view of a {}.",
-                 "satellite imagery of the {}.", "aerial imagery of the {}.",
-                 "satellite photo of the {}.", "aerial photo of the {}.",
-                 "satellite view of the {}.", "aerial view of the {}."),
-    "SUN397": ("a photo of a {}.", "a photo of the {}."),
-    "SVHN": ('a photo of the number: "{}".',),
-}
-
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
-
-
-def task_prompts(task: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(classnames, templates)`` of one of :data:`TASKS`."""
-    if task not in CLASSNAMES:
-        raise ValueError(f"unknown task {task!r}; known tasks: {sorted(CLASSNAMES)} "
-                         "(pass classnames and templates yourself for others)")
-    return CLASSNAMES[task], TEMPLATES[task]
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -104,38 +73,7 @@ def clip_bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
     return tok
 
 
-def load_tokenizer(directory: str | os.PathLike):
-    """The tokenizer of a CLIP checkpoint directory, as a ``tokenizers.Tokenizer``.
-
-    Reads ``tokenizer.json`` when present; otherwise ``vocab.json`` + ``merges.txt``
-    through :func:`clip_bpe_tokenizer`.
-
-    Raises:
-      FileNotFoundError: naming the files looked for.
-    """
-    import json
-
-    from tokenizers import Tokenizer
-
-    directory = os.fspath(directory)
-    path = os.path.join(directory, "tokenizer.json")
-    if os.path.isfile(path):
-        return _plain(Tokenizer.from_file(path))
-    vocab_path = os.path.join(directory, "vocab.json")
-    merges_path = os.path.join(directory, "merges.txt")
-    if not (os.path.isfile(vocab_path) and os.path.isfile(merges_path)):
-        raise FileNotFoundError(f"{directory} has no tokenizer.json, nor vocab.json and "
-                                "merges.txt; download the checkpoint's tokenizer files too")
-    with open(vocab_path, encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(merges_path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f]
-    merges = [tuple(line.split(" ")) for line in lines
-              if line and not line.startswith("#version")]
-    return clip_bpe_tokenizer(vocab, merges)
-
-
-def _plain(tokenizer):
+def plain_tokenizer(tokenizer):
     """``tokenizer`` without padding or truncation settings (a ``tokenizer.json`` saved after
     a padded call keeps them), as a copy: the caller's object is not changed."""
     if tokenizer.padding is None and tokenizer.truncation is None:
@@ -156,7 +94,7 @@ def tokenize(tokenizer, texts: Sequence[str], context_length: int = 77, *,
     ``tokenizer.json`` files with or without one give the same ids.
 
     Args:
-      tokenizer: a ``tokenizers.Tokenizer`` (:func:`load_tokenizer`).
+      tokenizer: a ``tokenizers.Tokenizer`` (:func:`taskvec_jax.clip.load_tokenizer`).
       texts: the prompts.
       context_length: the text tower's number of positions.
       pad_id: id after the end token (default: the end token's id, as Hugging Face pads;
@@ -170,7 +108,7 @@ def tokenize(tokenizer, texts: Sequence[str], context_length: int = 77, *,
         raise ValueError(f"tokenizer has no {START_TOKEN!r} / {END_TOKEN!r} token; is it a "
                          "CLIP tokenizer?")
     pad = end if pad_id is None else pad_id
-    tokenizer = _plain(tokenizer)
+    tokenizer = plain_tokenizer(tokenizer)
     encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
     out = np.full((len(texts), context_length), pad, dtype=np.int32)
     for i, (text, enc) in enumerate(zip(texts, encodings)):
@@ -188,33 +126,61 @@ def tokenize(tokenizer, texts: Sequence[str], context_length: int = 77, *,
 def zeroshot_head(encode_text: Callable[[jax.Array], jax.Array], tokenizer,
                   classnames: Sequence[str], templates: Sequence[str], *,
                   logit_scale: float | jax.Array, context_length: int = 77,
-                  batch_size: int = 256) -> jax.Array:
+                  chunk_size: int = 256) -> jax.Array:
     """``exp(logit_scale) * normalize(mean_t normalize(encode_text(prompt_{c,t})))``.
+
+    The ``C * T`` prompts are encoded ``chunk_size`` at a time (memory only: the head does
+    not depend on it). Every call has the same shape, ``[min(chunk_size, C * T), L]``: the
+    last chunk is padded with copies of its first prompt, whose rows are dropped, so a
+    jitted ``encode_text`` compiles once per task.
 
     Args:
       encode_text: ``token ids [N, L] -> embeddings [N, D]`` (e.g. the text tower applied
-        with its parameters, jitted).
+        with its parameters, jitted); rows must be independent, as in CLIP's text tower.
       tokenizer: a ``tokenizers.Tokenizer``.
       classnames: one name per class, in label order.
       templates: format strings with one ``{}`` for the class name.
       logit_scale: the checkpoint's ``logit_scale`` (a log; the head is scaled by its exp).
       context_length: the text tower's positions.
-      batch_size: prompts encoded per call.
+      chunk_size: prompts encoded per call.
 
     Returns:
       The head ``[len(classnames), D]``.
+
+    Raises:
+      ValueError: if ``classnames`` or ``templates`` is empty, or ``chunk_size`` is not a
+        positive integer.
     """
     if not classnames or not templates:
         raise ValueError("zeroshot_head needs at least one class name and one template")
+    chunk_size = _checks.positive_int(chunk_size, "chunk_size")
     prompts = [t.format(c) for c in classnames for t in templates]
     tokens = tokenize(tokenizer, prompts, context_length)
-    chunks = [np.asarray(encode_text(jnp.asarray(tokens[i:i + batch_size])))
-              for i in range(0, len(tokens), batch_size)]
+    size = min(chunk_size, len(tokens))
+    chunks = []
+    for i in range(0, len(tokens), size):
+        chunk = tokens[i:i + size]
+        n = len(chunk)
+        if n < size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], size - n, axis=0)])
+        chunks.append(np.asarray(encode_text(jnp.asarray(chunk)))[:n])
     emb = jnp.asarray(np.concatenate(chunks)).reshape(len(classnames), len(templates), -1)
     emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
     w = emb.mean(axis=1)
     w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
     return jnp.exp(jnp.asarray(logit_scale, w.dtype)) * w
+
+
+@functools.lru_cache(maxsize=16)
+def text_encoder(config: TextConfig) -> Callable[[PyTree, jax.Array], jax.Array]:
+    """``encode(text_params, token_ids [N, L]) -> embeddings [N, embed_dim]``, jitted.
+
+    One function per :class:`TextConfig` (cached), with the parameters an argument rather
+    than a closure constant: heads for every task and every checkpoint of one architecture
+    share its compiled programs.
+    """
+    model = CLIPTextTransformer(config)
+    return jax.jit(lambda params, ids: model.apply({"params": params}, ids))
 
 
 def _fingerprint(tokens: np.ndarray, params: PyTree) -> str:
@@ -226,11 +192,11 @@ def _fingerprint(tokens: np.ndarray, params: PyTree) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_zeroshot_head(task: str, checkpoint, tokenizer, *,
+def cached_zeroshot_head(task: str, checkpoint: CLIPCheckpoint, tokenizer, *,
                          cache_dir: str | os.PathLike | None = None,
                          classnames: Sequence[str] | None = None,
                          templates: Sequence[str] | None = None,
-                         batch_size: int = 256) -> jax.Array:
+                         chunk_size: int = 256) -> jax.Array:
     """The zero-shot head of ``task`` from a converted CLIP checkpoint, cached on disk.
 
     The cache file is ``{cache_dir}/head_{task}_{fingerprint}.npy``, where the fingerprint
@@ -238,16 +204,19 @@ def cached_zeroshot_head(task: str, checkpoint, tokenizer, *,
     checkpoint, tokenizer or prompt set gets another file.
 
     Args:
-      task: a name from :data:`TASKS` (or any name, with ``classnames`` and ``templates``).
-      checkpoint: a :class:`taskvec_jax.models.clip_convert.CLIPCheckpoint` with the text
-        tower and ``logit_scale`` (a full ``CLIPModel``).
+      task: a name from :data:`taskvec_jax.clip.TASKS` (or any name, with ``classnames``
+        and ``templates``).
+      checkpoint: a :class:`taskvec_jax.clip.CLIPCheckpoint` with the text tower and
+        ``logit_scale`` (a full ``CLIPModel``).
       tokenizer: the checkpoint's ``tokenizers.Tokenizer``.
       cache_dir: where heads are kept (``None``: no cache).
-      classnames, templates: override :func:`task_prompts`.
-      batch_size: prompts encoded per call.
-    """
-    from taskvec_jax.models.clip import CLIPTextTransformer
+      classnames, templates: override :func:`taskvec_jax.clip.task_prompts`.
+      chunk_size: prompts encoded per call (memory only).
 
+    Raises:
+      ValueError: if the checkpoint has no text tower or ``logit_scale``, or ``task`` is
+        unknown and ``classnames`` / ``templates`` are not given.
+    """
     if checkpoint.text is None or "logit_scale" not in checkpoint.params:
         raise ValueError("zero-shot heads need a checkpoint with the text tower and "
                          "logit_scale (a full CLIPModel, e.g. openai/clip-vit-base-patch32)")
@@ -265,11 +234,11 @@ def cached_zeroshot_head(task: str, checkpoint, tokenizer, *,
         path = os.path.join(os.path.abspath(os.fspath(cache_dir)), f"head_{task}_{key}.npy")
         if os.path.isfile(path):
             return jnp.asarray(np.load(path))
-    model = CLIPTextTransformer(checkpoint.text)
-    encode = jax.jit(lambda ids: model.apply({"params": text_params}, ids))
-    head = zeroshot_head(encode, tokenizer, classnames, templates, logit_scale=logit_scale,
+    encode = text_encoder(checkpoint.text)
+    head = zeroshot_head(lambda ids: encode(text_params, ids), tokenizer, classnames,
+                         templates, logit_scale=logit_scale,
                          context_length=checkpoint.text.context_length,
-                         batch_size=batch_size)
+                         chunk_size=chunk_size)
     if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}.npy"

@@ -1,18 +1,10 @@
-"""Public CLIP checkpoints -> the parameter tree of :mod:`taskvec_jax.models.clip`.
+"""Public CLIP state dicts -> the parameter tree of :mod:`taskvec_jax.clip.model` (pure).
 
-Reads Hugging Face ``CLIPModel`` / ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``
-/ ``CLIPTextModel(WithProjection)`` directories (``config.json`` plus ``model.safetensors``
-or a sharded ``model.safetensors.index.json``) with the numpy API of ``safetensors``: no
-torch at run time. open_clip state dicts (a dict of arrays, or an
-``open_clip_model.safetensors`` file) convert too, given the :class:`CLIPConfig`.
-
-Downloading is the user's step, on a networked machine, e.g.::
-
-    from huggingface_hub import snapshot_download      # pip install 'taskvec_jax[clip]'
-    snapshot_download("openai/clip-vit-base-patch32", local_dir="weights/ViT-B-32/pretrained",
-                      allow_patterns=["*.json", "*.safetensors", "*.txt"])
-
-Every loader here takes a local path and never touches the network.
+Converts Hugging Face ``CLIPModel`` / ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``
+/ ``CLIPTextModel(WithProjection)`` state dicts (given their parsed ``config.json``) and
+open_clip state dicts (given the :class:`CLIPConfig`), as ``{key: numpy array}``. Nothing
+here reads a file: :mod:`taskvec_jax.clip.weights_io` reads checkpoint directories and calls
+these functions.
 
 The conversion is a fixed table, exact (transposes and slices of the stored arrays, no
 arithmetic), so task vectors of converted checkpoints are exactly the converted parameter
@@ -26,9 +18,6 @@ config, is an error naming the checkpoint key and the tree path.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import struct
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -36,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from taskvec_jax import tree as tree_lib
-from taskvec_jax.models.clip import (
+from taskvec_jax.clip.model import (
     ACTIVATIONS,
     CLIPConfig,
     CLIPTextTransformer,
@@ -44,107 +33,20 @@ from taskvec_jax.models.clip import (
     TextConfig,
     VisionConfig,
 )
+from taskvec_jax.task_vectors import check_compatible
+
+__all__ = [
+    "CLIPCheckpoint", "TableEntry", "complete_image_encoder", "convert_hf_state_dict",
+    "convert_open_clip_state_dict", "hf_text_table", "hf_vision_table", "open_clip_table",
+    "text_config_from_hf", "vision_config_from_hf",
+]
 
 PyTree = Any
 Path = tuple[str, ...]
 
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors",)
-
 # Buffers some checkpoints store that are not parameters (recomputed by the model).
 _IGNORED_SUFFIXES = ("position_ids", "attn_mask")
 _OPEN_CLIP_IGNORED = ("input_resolution", "context_length", "vocab_size")
-
-
-class MissingCheckpointError(FileNotFoundError):
-    """A checkpoint directory or file that should be on disk is not."""
-
-
-def download_hint(repo_id: str, local_dir: str | os.PathLike) -> str:
-    """The command that fetches ``repo_id`` from the Hugging Face Hub into ``local_dir``."""
-    return (f"python -c \"from huggingface_hub import snapshot_download; "
-            f"snapshot_download('{repo_id}', local_dir='{os.fspath(local_dir)}', "
-            f"allow_patterns=['*.json', '*.safetensors', '*.txt'])\"")
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _weight_files(path: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise MissingCheckpointError(f"no checkpoint at {path}")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-    for name in ("model.safetensors",) + OPEN_CLIP_WEIGHT_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            return [os.path.join(path, name)]
-    raise MissingCheckpointError(
-        f"{path} holds no safetensors weights (expected one of "
-        f"{HF_WEIGHT_FILES + OPEN_CLIP_WEIGHT_FILES}); found {sorted(os.listdir(path))}. "
-        "Only safetensors files are read (no pickled torch .bin files).")
-
-
-def _raw_dtypes() -> dict[str, Any]:
-    import ml_dtypes  # a dependency of jax
-    return {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-            "F8_E5M2": ml_dtypes.float8_e5m2}
-
-
-def _read_raw(path: str, key: str) -> np.ndarray:
-    """Reads one tensor whose dtype numpy lacks (bfloat16, float8) from the file layout.
-
-    A safetensors file is ``u64 little-endian header size | JSON header | data``; the
-    header gives each tensor's dtype, shape and byte range in ``data``.
-    """
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(size))[key]
-        dtypes = _raw_dtypes()
-        if info["dtype"] not in dtypes:
-            raise ValueError(f"{path}: tensor '{key}' has dtype {info['dtype']}, which "
-                             "cannot be read")
-        start, end = info["data_offsets"]
-        f.seek(8 + size + start)
-        data = f.read(end - start)
-    return np.frombuffer(data, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file, a sharded checkpoint or a checkpoint directory.
-
-    Uses ``safetensors``' numpy API; bfloat16 / float8 tensors (which numpy cannot name)
-    are read from the file's documented layout as ``ml_dtypes`` arrays.
-
-    Raises:
-      MissingCheckpointError: if ``path`` is absent or holds no safetensors weights.
-    """
-    from safetensors import safe_open
-
-    state: dict[str, np.ndarray] = {}
-    for file in _weight_files(os.fspath(path)):
-        with safe_open(file, framework="np") as f:
-            for key in f.keys():
-                try:
-                    state[key] = f.get_tensor(key)
-                except TypeError:
-                    state[key] = _read_raw(file, key)
-    return state
-
-
-def read_hf_config(directory: str | os.PathLike) -> dict:
-    """The ``config.json`` of a Hugging Face checkpoint directory."""
-    path = os.path.join(os.fspath(directory), "config.json")
-    if not os.path.isfile(path):
-        raise MissingCheckpointError(f"{directory} has no config.json (a Hugging Face "
-                                     "checkpoint directory holds config.json and "
-                                     "model.safetensors)")
-    with open(path) as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -201,39 +103,41 @@ _linear: Transform = lambda w: w.T                          # torch Linear [out,
 _conv: Transform = lambda w: w.transpose(2, 3, 1, 0)        # [O, I, kh, kw] -> [kh, kw, I, O]
 
 
-class _Entry(NamedTuple):
+class TableEntry(NamedTuple):
+    """One row of a conversion table: ``params[path] = transform(state[key])``."""
+
     key: str              # checkpoint key
     path: Path            # tree path
     transform: Transform
 
 
-def _hf_block(src: str, dst: Path) -> list[_Entry]:
+def _hf_block(src: str, dst: Path) -> list[TableEntry]:
     out = []
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        out += [_Entry(f"{src}.self_attn.{proj}.weight", dst + ("attn", proj, "kernel"),
+        out += [TableEntry(f"{src}.self_attn.{proj}.weight", dst + ("attn", proj, "kernel"),
                        _linear),
-                _Entry(f"{src}.self_attn.{proj}.bias", dst + ("attn", proj, "bias"), _copy)]
+                TableEntry(f"{src}.self_attn.{proj}.bias", dst + ("attn", proj, "bias"), _copy)]
     for fc in ("fc1", "fc2"):
-        out += [_Entry(f"{src}.mlp.{fc}.weight", dst + ("mlp", fc, "kernel"), _linear),
-                _Entry(f"{src}.mlp.{fc}.bias", dst + ("mlp", fc, "bias"), _copy)]
+        out += [TableEntry(f"{src}.mlp.{fc}.weight", dst + ("mlp", fc, "kernel"), _linear),
+                TableEntry(f"{src}.mlp.{fc}.bias", dst + ("mlp", fc, "bias"), _copy)]
     out += _layer_norm(f"{src}.layer_norm1", dst + ("layer_norm1",))
     out += _layer_norm(f"{src}.layer_norm2", dst + ("layer_norm2",))
     return out
 
 
-def _layer_norm(src: str, dst: Path) -> list[_Entry]:
-    return [_Entry(f"{src}.weight", dst + ("scale",), _copy),
-            _Entry(f"{src}.bias", dst + ("bias",), _copy)]
+def _layer_norm(src: str, dst: Path) -> list[TableEntry]:
+    return [TableEntry(f"{src}.weight", dst + ("scale",), _copy),
+            TableEntry(f"{src}.bias", dst + ("bias",), _copy)]
 
 
-def hf_vision_table(config: VisionConfig) -> list[_Entry]:
+def hf_vision_table(config: VisionConfig) -> list[TableEntry]:
     """Hugging Face ``vision_model.*`` / ``visual_projection`` keys -> ``("vision", ...)``."""
     p, v = "vision_model", ("vision",)
     table = [
-        _Entry(f"{p}.embeddings.patch_embedding.weight", v + ("patch_embedding", "kernel"),
+        TableEntry(f"{p}.embeddings.patch_embedding.weight", v + ("patch_embedding", "kernel"),
                _conv),
-        _Entry(f"{p}.embeddings.class_embedding", v + ("class_embedding",), _copy),
-        _Entry(f"{p}.embeddings.position_embedding.weight", v + ("position_embedding",),
+        TableEntry(f"{p}.embeddings.class_embedding", v + ("class_embedding",), _copy),
+        TableEntry(f"{p}.embeddings.position_embedding.weight", v + ("position_embedding",),
                _copy),
         *_layer_norm(f"{p}.pre_layrnorm", v + ("pre_norm",)),
         *_layer_norm(f"{p}.post_layernorm", v + ("post_norm",)),
@@ -241,67 +145,67 @@ def hf_vision_table(config: VisionConfig) -> list[_Entry]:
     for i in range(config.layers):
         table += _hf_block(f"{p}.encoder.layers.{i}", v + (f"layers_{i}",))
     if config.embed_dim is not None:
-        table.append(_Entry("visual_projection.weight", v + ("projection", "kernel"),
+        table.append(TableEntry("visual_projection.weight", v + ("projection", "kernel"),
                             _linear))
     return table
 
 
-def hf_text_table(config: TextConfig) -> list[_Entry]:
+def hf_text_table(config: TextConfig) -> list[TableEntry]:
     """Hugging Face ``text_model.*`` / ``text_projection`` keys -> ``("text", ...)``."""
     p, t = "text_model", ("text",)
     table = [
-        _Entry(f"{p}.embeddings.token_embedding.weight", t + ("token_embedding", "embedding"),
+        TableEntry(f"{p}.embeddings.token_embedding.weight", t + ("token_embedding", "embedding"),
                _copy),
-        _Entry(f"{p}.embeddings.position_embedding.weight", t + ("position_embedding",),
+        TableEntry(f"{p}.embeddings.position_embedding.weight", t + ("position_embedding",),
                _copy),
         *_layer_norm(f"{p}.final_layer_norm", t + ("final_norm",)),
     ]
     for i in range(config.layers):
         table += _hf_block(f"{p}.encoder.layers.{i}", t + (f"layers_{i}",))
     if config.embed_dim is not None:
-        table.append(_Entry("text_projection.weight", t + ("projection", "kernel"), _linear))
+        table.append(TableEntry("text_projection.weight", t + ("projection", "kernel"), _linear))
     return table
 
 
-def _open_clip_block(src: str, dst: Path, width: int) -> list[_Entry]:
+def _open_clip_block(src: str, dst: Path, width: int) -> list[TableEntry]:
     out = []
     for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
         rows = slice(j * width, (j + 1) * width)
-        out += [_Entry(f"{src}.attn.in_proj_weight", dst + ("attn", proj, "kernel"),
+        out += [TableEntry(f"{src}.attn.in_proj_weight", dst + ("attn", proj, "kernel"),
                        lambda w, rows=rows: w[rows].T),
-                _Entry(f"{src}.attn.in_proj_bias", dst + ("attn", proj, "bias"),
+                TableEntry(f"{src}.attn.in_proj_bias", dst + ("attn", proj, "bias"),
                        lambda b, rows=rows: b[rows])]
-    out += [_Entry(f"{src}.attn.out_proj.weight", dst + ("attn", "out_proj", "kernel"),
+    out += [TableEntry(f"{src}.attn.out_proj.weight", dst + ("attn", "out_proj", "kernel"),
                    _linear),
-            _Entry(f"{src}.attn.out_proj.bias", dst + ("attn", "out_proj", "bias"), _copy)]
+            TableEntry(f"{src}.attn.out_proj.bias", dst + ("attn", "out_proj", "bias"), _copy)]
     for theirs, ours in (("c_fc", "fc1"), ("c_proj", "fc2")):
-        out += [_Entry(f"{src}.mlp.{theirs}.weight", dst + ("mlp", ours, "kernel"), _linear),
-                _Entry(f"{src}.mlp.{theirs}.bias", dst + ("mlp", ours, "bias"), _copy)]
+        out += [TableEntry(f"{src}.mlp.{theirs}.weight", dst + ("mlp", ours, "kernel"), _linear),
+                TableEntry(f"{src}.mlp.{theirs}.bias", dst + ("mlp", ours, "bias"), _copy)]
     out += _layer_norm(f"{src}.ln_1", dst + ("layer_norm1",))
     out += _layer_norm(f"{src}.ln_2", dst + ("layer_norm2",))
     return out
 
 
-def open_clip_table(config: CLIPConfig) -> list[_Entry]:
+def open_clip_table(config: CLIPConfig) -> list[TableEntry]:
     """open_clip ``CLIP`` state-dict keys -> our tree (``visual.proj`` and
     ``text_projection`` are stored ``[width, embed_dim]`` already, so they are copied)."""
     vc, tc = config.vision, config.text
     v, t = ("vision",), ("text",)
     table = [
-        _Entry("visual.conv1.weight", v + ("patch_embedding", "kernel"), _conv),
-        _Entry("visual.class_embedding", v + ("class_embedding",), _copy),
-        _Entry("visual.positional_embedding", v + ("position_embedding",), _copy),
+        TableEntry("visual.conv1.weight", v + ("patch_embedding", "kernel"), _conv),
+        TableEntry("visual.class_embedding", v + ("class_embedding",), _copy),
+        TableEntry("visual.positional_embedding", v + ("position_embedding",), _copy),
         *_layer_norm("visual.ln_pre", v + ("pre_norm",)),
         *_layer_norm("visual.ln_post", v + ("post_norm",)),
-        _Entry("token_embedding.weight", t + ("token_embedding", "embedding"), _copy),
-        _Entry("positional_embedding", t + ("position_embedding",), _copy),
+        TableEntry("token_embedding.weight", t + ("token_embedding", "embedding"), _copy),
+        TableEntry("positional_embedding", t + ("position_embedding",), _copy),
         *_layer_norm("ln_final", t + ("final_norm",)),
-        _Entry("logit_scale", ("logit_scale",), _copy),
+        TableEntry("logit_scale", ("logit_scale",), _copy),
     ]
     if vc.embed_dim is not None:
-        table.append(_Entry("visual.proj", v + ("projection", "kernel"), _copy))
+        table.append(TableEntry("visual.proj", v + ("projection", "kernel"), _copy))
     if tc.embed_dim is not None:
-        table.append(_Entry("text_projection", t + ("projection", "kernel"), _copy))
+        table.append(TableEntry("text_projection", t + ("projection", "kernel"), _copy))
     for i in range(vc.layers):
         table += _open_clip_block(f"visual.transformer.resblocks.{i}",
                                   v + (f"layers_{i}",), vc.width)
@@ -339,7 +243,7 @@ def _set(tree: dict, path: Path, value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _convert(state: Mapping[str, Any], table: list[_Entry], expected: dict[str, tuple],
+def _convert(state: Mapping[str, Any], table: list[TableEntry], expected: dict[str, tuple],
              *, ignore: Callable[[str], bool], source: str, dtype: Any) -> dict:
     missing = [e.key for e in table if e.key not in state]
     if missing:
@@ -446,30 +350,11 @@ def convert_hf_state_dict(state: Mapping[str, Any], hf_config: Mapping, *,
     table = (hf_vision_table(vision) if vision else []) + (hf_text_table(text) if text else [])
     has_scale = "logit_scale" in state
     if has_scale:
-        table.append(_Entry("logit_scale", ("logit_scale",), _copy))
+        table.append(TableEntry("logit_scale", ("logit_scale",), _copy))
     expected = _abstract_params(vision, text, has_scale)
     params = _convert(state, table, expected, source=source, dtype=dtype,
                       ignore=lambda k: k.endswith(_IGNORED_SUFFIXES))
     return CLIPCheckpoint(vision, text, params)
-
-
-def load_hf_checkpoint(directory: str | os.PathLike, *, dtype: Any = None
-                       ) -> CLIPCheckpoint:
-    """Loads and converts a local Hugging Face CLIP checkpoint directory.
-
-    Args:
-      directory: holds ``config.json`` and ``model.safetensors`` (or a sharded index), as
-        written by ``save_pretrained`` or fetched with ``huggingface_hub``.
-      dtype: cast every leaf to this dtype (default: the stored dtype).
-
-    Raises:
-      MissingCheckpointError: if the directory or its files are absent.
-      ValueError: on any mismatch between the weights and the config.
-    """
-    directory = os.fspath(directory)
-    hf_config = read_hf_config(directory)
-    return convert_hf_state_dict(read_safetensors(directory), hf_config, dtype=dtype,
-                                 source=directory)
 
 
 def convert_open_clip_state_dict(state: Mapping[str, Any], config: CLIPConfig, *,
@@ -488,8 +373,8 @@ def convert_open_clip_state_dict(state: Mapping[str, Any], config: CLIPConfig, *
     return CLIPCheckpoint(config.vision, config.text, params)
 
 
-def load_image_encoder(directory: str | os.PathLike, pretrained: CLIPCheckpoint, *,
-                       dtype: Any = None) -> PyTree:
+def complete_image_encoder(finetuned: CLIPCheckpoint, pretrained: CLIPCheckpoint, *,
+                           source: str = "finetuned checkpoint") -> PyTree:
     """The image tower of a finetuned checkpoint, completed and checked against ``pretrained``.
 
     The finetuned encoders of the task-arithmetic literature are published as Hugging Face
@@ -499,26 +384,29 @@ def load_image_encoder(directory: str | os.PathLike, pretrained: CLIPCheckpoint,
     structure of ``pretrained.params["vision"]`` and ``task_vector(encoder,
     pretrained.params["vision"])`` is zero on the projection.
 
+    Args:
+      finetuned: the converted finetuned checkpoint (its vision tower is used).
+      pretrained: the converted pretrained checkpoint.
+      source: how the finetuned checkpoint is named in error messages.
+
     Raises:
-      MissingCheckpointError: if the directory or its files are absent.
-      ValueError: if the tower's architecture differs from the pretrained one.
+      ValueError: if either has no vision tower, or the tower's architecture differs from
+        the pretrained one (naming the leaf path).
     """
     if pretrained.vision is None:
         raise ValueError("pretrained checkpoint has no vision tower")
-    ckpt = load_hf_checkpoint(directory, dtype=dtype)
-    if ckpt.vision is None:
-        raise ValueError(f"{directory}: checkpoint holds no vision tower")
-    vision = dict(ckpt.params["vision"])
-    theirs = ckpt.vision
+    if finetuned.vision is None:
+        raise ValueError(f"{source}: checkpoint holds no vision tower")
+    vision = dict(finetuned.params["vision"])
+    theirs = finetuned.vision
     if theirs.embed_dim is None and pretrained.vision.embed_dim is not None:
         like = vision["class_embedding"].dtype
         vision["projection"] = jax.tree.map(lambda x: jnp.asarray(x, like),
                                             pretrained.params["vision"]["projection"])
         theirs = dataclasses.replace(theirs, embed_dim=pretrained.vision.embed_dim)
     if theirs != pretrained.vision:
-        raise ValueError(f"{directory}: vision config {theirs} differs from the pretrained "
+        raise ValueError(f"{source}: vision config {theirs} differs from the pretrained "
                          f"one {pretrained.vision}")
-    from taskvec_jax.task_vectors import check_compatible
-    check_compatible(vision, pretrained.params["vision"], name=os.fspath(directory),
+    check_compatible(vision, pretrained.params["vision"], name=source,
                      reference_name="pretrained vision tower")
     return vision

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import taskvec_jax as tvj
-from taskvec_jax.models import clip
+from taskvec_jax import clip
 
 TINY = clip.get_config("tiny")
 
@@ -20,6 +20,14 @@ def _init(config=TINY, seed=0):
     images = jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3))
     tokens = jnp.zeros((1, config.text.context_length), jnp.int32)
     return model, jax.jit(model.init)(jax.random.key(seed), images, tokens)["params"]
+
+
+# One jitted program per tower and config, shared by the tests of this file (compiling
+# dominates their cost; an un-jitted call compiles every primitive separately).
+@functools.lru_cache(maxsize=None)
+def _encode_image(config=TINY.vision):
+    tower = clip.CLIPVisionTransformer(config)
+    return jax.jit(lambda params, images: tower.apply({"params": params}, images))
 
 
 def _images(n=3, seed=1, size=16):
@@ -62,8 +70,8 @@ def test_logits_are_scaled_cosines(transform):
     model, params = _init()
     tokens = jnp.array([[1, 5, 63, 0], [1, 7, 8, 63]])
     logits = transform(lambda p: model.apply({"params": p}, _images(), tokens))(params)
-    img = model.apply({"params": params}, _images(), method="encode_image")
-    txt = model.apply({"params": params}, tokens, method="encode_text")
+    img = _encode_image()(params["vision"], _images())
+    txt = clip.text_encoder(TINY.text)(params["text"], tokens)
     cos = np.asarray(img) @ np.asarray(txt).T / np.outer(np.linalg.norm(img, axis=1),
                                                           np.linalg.norm(txt, axis=1))
     np.testing.assert_allclose(logits, np.exp(TINY.logit_scale_init) * cos, rtol=1e-12)
@@ -72,37 +80,42 @@ def test_logits_are_scaled_cosines(transform):
 
 def test_text_tower_is_causal_and_pools_at_the_end_token():
     """Tokens after the end token (padding) cannot change the embedding; tokens before it do."""
-    model, params = _init()
-    enc = lambda t: model.apply({"params": params}, jnp.array(t), method="encode_text")
+    _, params = _init()
+    enc = lambda t: clip.text_encoder(TINY.text)(params["text"], jnp.array(t))
     a = enc([[1, 5, 6, 63, 0, 0, 0]])
     np.testing.assert_array_equal(a, enc([[1, 5, 6, 63, 9, 22, 63]]))
     assert float(jnp.abs(a - enc([[1, 5, 7, 63, 0, 0, 0]])).max()) > 1e-6
     # With eos_token_id set, the first occurrence of that id is pooled: the same state as
     # arg-max pooling when the end token is the largest id (CLIP's vocabulary).
-    cfg = clip.CLIPConfig(TINY.vision, dataclasses.replace(TINY.text, eos_token_id=63))
-    m2 = clip.CLIP(cfg, param_dtype=jnp.float64)
-    enc2 = lambda t: m2.apply({"params": params}, jnp.array(t), method="encode_text")
-    np.testing.assert_array_equal(enc2([[1, 50, 63, 60, 63]]), enc([[1, 50, 63, 0, 0]]))
+    text2 = dataclasses.replace(TINY.text, eos_token_id=63)
+    enc2 = lambda t: clip.text_encoder(text2)(params["text"], jnp.array(t))
+    np.testing.assert_array_equal(enc2([[1, 50, 63, 60, 63, 0, 0]]),
+                                  enc([[1, 50, 63, 0, 0, 0, 0]]))
 
 
 def test_image_classifier_trains_the_vision_tower_only():
     """``image_classifier`` plugs into make_loss_fn / accuracy; gradients are finite and
     live on the image tower, and the logits are the head applied to unit features."""
-    model, params = _init()
+    _, params = _init()
     head = 100.0 * clip.normalize(jax.random.normal(jax.random.key(3), (5, 24), jnp.float64))
     encoder = clip.CLIPVisionTransformer(TINY.vision)
     apply = clip.image_classifier(encoder, head)
-    batch = {"image": _images(4), "label": jnp.array([0, 1, 2, 3])}
-    feats = jax.jit(encoder.apply)({"params": params["vision"]}, batch["image"])
-    np.testing.assert_allclose(jax.jit(apply)(params["vision"], batch["image"]),
-                               np.asarray(clip.normalize(feats)) @ np.asarray(head).T, rtol=1e-12)
+    batch = {"image": _images(3), "label": jnp.array([0, 1, 3])}
+    feats = _encode_image()(params["vision"], batch["image"])
     loss_fn = tvj.models.make_loss_fn(apply)
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params["vision"], batch)
+
+    @jax.jit   # one program: the logits, the loss and its gradient, the accuracy
+    def run(p):
+        return (apply(p, batch["image"]), *jax.value_and_grad(loss_fn)(p, batch),
+                tvj.models.accuracy(apply, p, batch))
+
+    logits, loss, grads, acc = run(params["vision"])
+    np.testing.assert_allclose(logits, np.asarray(clip.normalize(feats)) @ np.asarray(head).T,
+                               rtol=1e-12)
     assert np.isfinite(loss)
     assert jax.tree.structure(grads) == jax.tree.structure(params["vision"])
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert float(tvj.tree.norm(grads)) > 0
-    acc = jax.jit(lambda p: tvj.models.accuracy(apply, p, batch))(params["vision"])
     assert 0.0 <= float(acc) <= 1.0
 
 

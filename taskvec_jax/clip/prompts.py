@@ -1,7 +1,17 @@
-"""Class names of the standard 8-task CLIP benchmark, in each dataset's label order.
+"""The prompts of the standard 8-task CLIP benchmark: task names, templates, class names.
+
+The one place these are written in the library (``taskvec_jax.data``'s GTSRB class names
+and the benchmark's task list read them from here).
+
+* :data:`TASKS`: the eight tasks of Ilharco et al. (2023), in the column order of the
+  literature's tables (Yang et al. 2024, AdaMerging, Table 2; TIES);
+* :data:`TEMPLATES`: the prompt templates of Ilharco et al. (2023),
+  github.com/mlfoundations/task_vectors (``src/datasets/templates.py``), which FusionBench
+  uses unchanged; ``{}`` is the class name;
+* :data:`CLASSNAMES`: the class names, in each dataset's label order.
 
 The names are the ones the task-arithmetic literature prompts CLIP with (Ilharco et al.
-2023, github.com/mlfoundations/task_vectors; FusionBench, github.com/tanganke/fusion_bench,
+2023; FusionBench, github.com/tanganke/fusion_bench,
 ``fusion_bench/tasks/clip_classification``). Index ``i`` is the name of label ``i``:
 
 * Cars: the Stanford Cars names, in the order of tensorflow-datasets ``cars196``;
@@ -9,14 +19,50 @@ The names are the ones the task-arithmetic literature prompts CLIP with (Ilharco
 * EuroSAT: descriptive names for tensorflow-datasets ``eurosat`` labels (AnnualCrop,
   Forest, HerbaceousVegetation, Highway, Industrial, Pasture, PermanentCrop, Residential,
   River, SeaLake), as in the literature;
-* GTSRB: descriptions of the 43 German traffic-sign classes (class ids 0..42);
+* GTSRB: descriptions of the 43 German traffic-sign classes (class ids 0..42), as worded
+  by the CLIP authors (Radford et al., 2021);
 * MNIST, SVHN: the digits (tensorflow-datasets ``mnist``, ``svhn_cropped``);
 * RESISC45: tensorflow-datasets ``resisc45`` names with underscores as spaces;
 * SUN397: tensorflow-datasets ``sun397`` names (``/a/apse/indoor`` -> ``apse indoor``).
 
-``tests/test_zeroshot.py`` checks the orders against the label metadata that
+``tests/test_clip_prompts.py`` checks the orders against the label metadata that
 tensorflow-datasets ships.
 """
+
+from __future__ import annotations
+
+__all__ = ["CARS", "CLASSNAMES", "DIGITS", "DTD", "EUROSAT", "GTSRB", "RESISC45", "SUN397",
+           "TASKS", "TEMPLATES", "task_prompts"]
+
+# Column order of the literature's tables.
+TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "Cars": ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
+             "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
+             "a photo of my old {}."),
+    "DTD": ("a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.",
+            "a photo of a {} object.", "a photo of the {} texture.",
+            "a photo of the {} pattern.", "a photo of the {} thing.",
+            "a photo of the {} object."),
+    "EuroSAT": ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                "a centered satellite photo of the {}."),
+    "GTSRB": ('a zoomed in photo of a "{}" traffic sign.',
+              'a centered photo of a "{}" traffic sign.',
+              'a close up photo of a "{}" traffic sign.'),
+    "MNIST": ('a photo of the number: "{}".',),
+    "RESISC45": ("satellite imagery of {}.", "aerial imagery of {}.",
+                 "satellite photo of {}.", "aerial photo of {}.",
+                 "satellite view of {}.", "aerial view of {}.",
+                 "satellite imagery of a {}.", "aerial imagery of a {}.",
+                 "satellite photo of a {}.", "aerial photo of a {}.",
+                 "satellite view of a {}.", "aerial view of a {}.",
+                 "satellite imagery of the {}.", "aerial imagery of the {}.",
+                 "satellite photo of the {}.", "aerial photo of the {}.",
+                 "satellite view of the {}.", "aerial view of the {}."),
+    "SUN397": ("a photo of a {}.", "a photo of the {}."),
+    "SVHN": ('a photo of the number: "{}".',),
+}
 
 CARS = (
     'AM General Hummer SUV 2000', 'Acura RL Sedan 2012', 'Acura TL Sedan 2012',
@@ -276,3 +322,11 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
     "SUN397": SUN397,
     "SVHN": DIGITS,
 }
+
+
+def task_prompts(task: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(classnames, templates)`` of one of :data:`TASKS`."""
+    if task not in CLASSNAMES:
+        raise ValueError(f"unknown task {task!r}; known tasks: {sorted(CLASSNAMES)} "
+                         "(pass classnames and templates yourself for others)")
+    return CLASSNAMES[task], TEMPLATES[task]
