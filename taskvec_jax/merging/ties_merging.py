@@ -230,7 +230,7 @@ def ties(base: PyTree, task_vectors: Sequence[PyTree], *,
     _common.flatten_tasks(task_vectors, base)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
     options = dict(density=density, scope=scope, merge=merge, consensus=consensus)
-    if jnp.ndim(alpha) == 0:
-        return tv_lib.apply(base, ties_task_vector(task_vectors, **options),
-                            jnp.asarray(alpha))
+    alpha = jnp.asarray(alpha)
+    if alpha.ndim == 0:
+        return tv_lib.apply(base, ties_task_vector(task_vectors, **options), alpha)
     return tv_lib.apply(base, ties_task_vector(task_vectors, alpha=alphas, **options))
