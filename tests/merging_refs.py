@@ -156,3 +156,29 @@ def assert_same_under(transform, cases, exact):
             assert_trees_equal(got, want)
         else:  # XLA may contract a * b + c into one FMA in one program and not the other
             assert_trees_close(got, want, rtol=1e-15, atol=1e-15)
+
+
+# Every (structure, density, outliers, scope) compiles a program of the selection kernel
+# (seconds each on CPU). So the property tests draw values for ONE structure holding every
+# shape class -- several rows, a single column (rows of one), a 1-D leaf (one row), a
+# scalar -- and loop over a covering list of configurations in every example: each
+# compiles once for the whole test, and every example exercises every class (each scope
+# with outliers 0 and > 0, each density including the decimal 0.07 and the keep-all 1.0).
+SHAPE_CLASSES = {"w": (3, 4), "c": (2, 1), "b": (5,), "s": ()}
+MASK_CONFIGS = [  # (scope, density, outliers)
+    ("global", 0.07, 0.3), ("global", 0.55, 0.0), ("global", 1.0, 0.0),
+    ("leaf", 0.25, 0.1), ("leaf", 0.07, 0.0), ("leaf", 1.0, 0.0),
+    ("row", 0.55, 0.3), ("row", 0.25, 0.0), ("row", 1.0, 0.0),
+]
+COVER_SETTINGS = settings(max_examples=10, deadline=None)
+
+
+@st.composite
+def class_trees(draw, ints=None):
+    """A float64 tree of :data:`SHAPE_CLASSES`; integer-valued (ties, zeros) half the time."""
+    if ints is None:
+        ints = draw(st.booleans())
+    elements = (st.integers(-3, 3).map(float) if ints
+                else st.floats(-10, 10, allow_nan=False, allow_subnormal=False))
+    return {k: jnp.asarray(draw(hnp.arrays(np.float64, shape, elements=elements)))
+            for k, shape in SHAPE_CLASSES.items()}

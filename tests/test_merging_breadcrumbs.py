@@ -8,8 +8,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from merging_refs import (DENSITIES, SCOPES, SETTINGS, SHAPES, TRANSFORMS, M, assert_same_under,
-                          assert_trees_close, assert_trees_equal, inputs, ref_count, ref_mask,
+from merging_refs import (COVER_SETTINGS, DENSITIES, MASK_CONFIGS, SCOPES, SETTINGS, SHAPES,
+                          TRANSFORMS, M, assert_same_under, assert_trees_close,
+                          assert_trees_equal, class_trees, inputs, ref_count, ref_mask,
                           ref_ties, trees)
 
 from taskvec_jax.merging import model_breadcrumbs
@@ -33,23 +34,22 @@ def test_breadcrumbs_hand_worked():
     assert_trees_equal(trimmed, band)
 
 
-@SETTINGS
-@given(taus=st.tuples(st.integers(1, 3), SHAPES).flatmap(
-           lambda ts: st.lists(trees(shape=ts[1]), min_size=ts[0], max_size=ts[0])),
-       density=DENSITIES, outliers=st.sampled_from([0.0, 0.1, 0.2]), scope=SCOPES)
-def test_breadcrumbs_keeps_exactly_its_band(taus, density, outliers, scope):
-    assume(outliers + density <= 1.0)
+@COVER_SETTINGS
+@given(taus=st.integers(1, 3).flatmap(lambda t: st.lists(class_trees(), min_size=t,
+                                                         max_size=t)))
+def test_breadcrumbs_keeps_exactly_its_band(taus):
+    # Breadcrumbs' band is the mask's band: the same covering configurations.
     base = jax.tree.map(jnp.zeros_like, taus[0])
     alphas = np.linspace(0.5, 1.5, len(taus))
-    out = M.breadcrumbs(base, taus, density=density, outliers=outliers, alpha=alphas,
-                        scope=scope)
-    expected = jax.tree.map(np.zeros_like, base)
-    for a, tau in zip(alphas, taus):
-        band = ref_mask(tau, density, outliers, scope)
-        expected = jax.tree.map(lambda e, x, m, a=a: e + a * np.where(m, x, 0.0),
-                                expected, tau, band)
-    assert_trees_close(out, expected, rtol=1e-14, atol=1e-14)
-
+    for scope, density, outliers in MASK_CONFIGS:
+        out = M.breadcrumbs(base, taus, density=density, outliers=outliers, alpha=alphas,
+                            scope=scope)
+        expected = jax.tree.map(np.zeros_like, base)
+        for a, tau in zip(alphas, taus):
+            band = ref_mask(tau, density, outliers, scope)
+            expected = jax.tree.map(lambda e, x, m, a=a: e + a * np.where(m, x, 0.0),
+                                    expected, tau, band)
+        assert_trees_close(out, expected, rtol=1e-14, atol=1e-14)
 
 
 # --------------------------------------------------------------------------- jit / errors

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from merging_refs import (DENSITIES, SCOPES, SETTINGS, SHAPES, TRANSFORMS, M, assert_same_under,
-                          assert_trees_close, assert_trees_equal, inputs, ref_count, ref_mask,
+from merging_refs import (COVER_SETTINGS, DENSITIES, MASK_CONFIGS, SCOPES, SETTINGS, SHAPES,
+                          TRANSFORMS, M, assert_same_under, assert_trees_close,
+                          assert_trees_equal, class_trees, inputs, ref_count, ref_mask,
                           ref_ties, trees)
 
 

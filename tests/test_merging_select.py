@@ -11,8 +11,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from merging_refs import (DENSITIES, SCOPES, SETTINGS, SHAPES, TRANSFORMS, M, assert_same_under,
-                          assert_trees_close, assert_trees_equal, inputs, ref_count, ref_mask,
+from merging_refs import (COVER_SETTINGS, DENSITIES, MASK_CONFIGS, SCOPES, SETTINGS, SHAPES,
+                          TRANSFORMS, M, assert_same_under, assert_trees_close,
+                          assert_trees_equal, class_trees, inputs, ref_count, ref_mask,
                           ref_ties, trees)
 
 
@@ -63,11 +64,14 @@ def test_count_rule_is_ceil_of_the_decimal_density(scope, density, kept):
     assert bool(mask[-kept:].all())          # the largest magnitudes are the last ones
 
 
-@SETTINGS
-@given(tree=trees(), density=DENSITIES, outliers=st.sampled_from([0.0, 0.0, 0.1, 0.3]),
-       scope=SCOPES)
-def test_mask_and_trim_match_stable_argsort_reference(tree, density, outliers, scope):
-    assume(outliers + density <= 1.0)
+@COVER_SETTINGS
+@given(tree=class_trees())
+def test_mask_and_trim_match_stable_argsort_reference(tree):
+    for scope, density, outliers in MASK_CONFIGS:
+        _check_mask_and_trim(tree, density, outliers, scope)
+
+
+def _check_mask_and_trim(tree, density, outliers, scope):
     mask = M.magnitude_mask(tree, density=density, outliers=outliers, scope=scope)
     expected = ref_mask(tree, density, outliers, scope)
     assert_trees_equal(mask, expected)

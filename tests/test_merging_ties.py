@@ -13,8 +13,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from merging_refs import (DENSITIES, SCOPES, SETTINGS, SHAPES, TRANSFORMS, M, assert_same_under,
-                          assert_trees_close, assert_trees_equal, inputs, ref_count, ref_mask,
+from merging_refs import (COVER_SETTINGS, DENSITIES, MASK_CONFIGS, SCOPES, SETTINGS, SHAPES,
+                          TRANSFORMS, M, assert_same_under, assert_trees_close,
+                          assert_trees_equal, class_trees, inputs, ref_count, ref_mask,
                           ref_ties, trees)
 
 from taskvec_jax.merging import ties_merging
@@ -46,17 +47,21 @@ def test_ties_hand_worked(density, merge, expected):
     np.testing.assert_array_equal(out["v"], 10.0 + 0.5 * np.array(expected))
 
 
-@SETTINGS
-@given(taus=st.tuples(st.integers(1, 4), SHAPES).flatmap(
-           lambda ts: st.lists(trees(ints=True, shape=ts[1]), min_size=ts[0],
-                               max_size=ts[0])),
-       density=DENSITIES, scope=SCOPES, merge=st.sampled_from(["mean", "sum"]),
-       consensus=st.sampled_from(list(M.CONSENSUS)))
-def test_ties_matches_reference(taus, density, scope, merge, consensus):
-    merged = M.ties_task_vector(taus, density=density, scope=scope, merge=merge,
-                                consensus=consensus)
-    assert_trees_close(merged, ref_ties(taus, density, scope, merge, consensus), rtol=1e-15,
-                       atol=0)
+# (scope, density, merge, consensus): every scope with both merges and both elections.
+TIES_CONFIGS = [("global", 0.07, "mean", "mass"), ("global", 1.0, "sum", "count"),
+                ("leaf", 0.25, "sum", "mass"), ("leaf", 0.55, "mean", "count"),
+                ("row", 0.55, "sum", "mass"), ("row", 0.25, "mean", "count")]
+
+
+@COVER_SETTINGS
+@given(taus=st.integers(1, 4).flatmap(lambda t: st.lists(class_trees(ints=True),
+                                                         min_size=t, max_size=t)))
+def test_ties_matches_reference(taus):
+    for scope, density, merge, consensus in TIES_CONFIGS:
+        merged = M.ties_task_vector(taus, density=density, scope=scope, merge=merge,
+                                    consensus=consensus)
+        assert_trees_close(merged, ref_ties(taus, density, scope, merge, consensus),
+                           rtol=1e-15, atol=0)
 
 
 @SETTINGS
