@@ -115,10 +115,6 @@ def assert_trees_close(actual, expected, rtol=1e-12, atol=1e-12):
 
 # --------------------------------------------------------------------------- strategies
 
-DENSITIES = st.sampled_from([0.07, 0.25, 0.55, 1.0])
-SCOPES = st.sampled_from(list(M.SCOPES))
-
-
 SHAPES = st.sampled_from([(3, 4), (1, 5), (2, 1)])
 
 

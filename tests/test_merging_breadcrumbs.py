@@ -1,17 +1,15 @@
 """Tests for Model Breadcrumbs (merging.model_breadcrumbs)."""
 
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
-from merging_refs import (COVER_SETTINGS, DENSITIES, MASK_CONFIGS, SCOPES, SETTINGS, SHAPES,
-                          TRANSFORMS, M, assert_same_under, assert_trees_close,
-                          assert_trees_equal, class_trees, inputs, ref_count, ref_mask,
-                          ref_ties, trees)
+from merging_refs import (COVER_SETTINGS, MASK_CONFIGS, TRANSFORMS, M, assert_same_under,
+                          assert_trees_close, assert_trees_equal, class_trees, inputs,
+                          ref_mask)
 
 from taskvec_jax.merging import model_breadcrumbs
 

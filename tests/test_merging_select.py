@@ -3,18 +3,14 @@
 References: tests/merging_refs.py (stable argsort ranks, decimal counts).
 """
 
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given
-from hypothesis import strategies as st
+from hypothesis import given
 
-from merging_refs import (COVER_SETTINGS, DENSITIES, MASK_CONFIGS, SCOPES, SETTINGS, SHAPES,
-                          TRANSFORMS, M, assert_same_under, assert_trees_close,
-                          assert_trees_equal, class_trees, inputs, ref_count, ref_mask,
-                          ref_ties, trees)
+from merging_refs import (COVER_SETTINGS, MASK_CONFIGS, TRANSFORMS, M, assert_same_under,
+                          assert_trees_equal, class_trees, inputs, ref_count, ref_mask)
 
 
 # --------------------------------------------------------------------------- masks / trim

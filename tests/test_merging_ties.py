@@ -10,13 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
-from merging_refs import (COVER_SETTINGS, DENSITIES, MASK_CONFIGS, SCOPES, SETTINGS, SHAPES,
-                          TRANSFORMS, M, assert_same_under, assert_trees_close,
-                          assert_trees_equal, class_trees, inputs, ref_count, ref_mask,
-                          ref_ties, trees)
+from merging_refs import (COVER_SETTINGS, SETTINGS, TRANSFORMS, M, assert_same_under,
+                          assert_trees_close, assert_trees_equal, class_trees, inputs,
+                          ref_ties)
 
 from taskvec_jax.merging import ties_merging
 
