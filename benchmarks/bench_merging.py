@@ -90,14 +90,14 @@ def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, 
         taus = [{k: normal(jax.random.fold_in(key, 1000 * (t + 1) + i), s) * 1e-3
                  for i, (k, s) in enumerate(shapes.items())} for t in range(num_tasks)]
         table = {
-            "task_arithmetic": lambda: merging.task_arithmetic(base, taus, 0.3),
+            "task_arithmetic": lambda: merging.task_arithmetic(base, taus, alpha=0.3),
             "ties_global": lambda: merging.ties(base, taus, density=0.2, alpha=1.0,
                                                 scope="global"),
             "ties_leaf": lambda: merging.ties(base, taus, density=0.2, alpha=1.0,
                                               scope="leaf"),
-            "dare": lambda: merging.task_arithmetic(
-                base, [merging.dare(t, drop_rate=0.9, key=jax.random.fold_in(key, i))
-                       for i, t in enumerate(taus)], 0.3),
+            # DARE + task arithmetic in one program (task t drops with fold_in(key, t)).
+            "dare": lambda: merging.dare_task_arithmetic(base, taus, alpha=0.3,
+                                                         drop_rate=0.9, key=key),
             "breadcrumbs": lambda: merging.breadcrumbs(base, taus, alpha=0.3),
         }
         fn = table[method]

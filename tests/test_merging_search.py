@@ -32,7 +32,7 @@ def _reference(alphas, targets, finetuned):
 def test_table_and_argmax_match_an_independent_computation(jit):
     base, taus, targets, score_fns, finetuned = _setup()
     alphas = np.linspace(0.0, 1.0, 11)
-    result = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, a), alphas,
+    result = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, alpha=a), alphas,
                                   score_fns, finetuned, jit=jit)
     scores, normalized, mean = _reference(alphas, targets, finetuned)
     np.testing.assert_allclose(result.scores, scores, rtol=1e-14, atol=1e-14)
@@ -49,12 +49,12 @@ def test_table_and_argmax_match_an_independent_computation(jit):
 def test_ties_pick_the_first_and_nan_rows_never_win():
     base, taus, _, _, _ = _setup()
     flat = [lambda p: jnp.asarray(0.5), lambda p: jnp.asarray(0.5)]
-    result = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, a),
+    result = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, alpha=a),
                                   jnp.array([0.1, 0.2, 0.3]), flat, [1.0, 1.0])
     assert int(result.best_index) == 0
     nan_first = [lambda p: jnp.where(p["w"][0] < 0.15, jnp.nan, p["w"][0]),
                  lambda p: jnp.asarray(1.0)]
-    result = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, a),
+    result = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, alpha=a),
                                   jnp.array([0.1, 0.2, 0.3]), nan_first, [1.0, 1.0])
     assert int(result.best_index) == 2
     assert np.isnan(result.mean_normalized[0])
@@ -63,7 +63,7 @@ def test_ties_pick_the_first_and_nan_rows_never_win():
 def test_per_task_coefficient_grids_and_other_merges():
     base, taus, targets, score_fns, finetuned = _setup()
     grid = jnp.array([[0.6, 0.4], [0.5, 0.5], [1.0, 0.0]])
-    result = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, a), grid,
+    result = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, alpha=a), grid,
                                   score_fns, finetuned)
     assert int(result.best_index) == 0                 # hits both targets exactly
     np.testing.assert_allclose(result.scores[0], [1.0, 1.0])
@@ -78,10 +78,10 @@ def test_per_task_coefficient_grids_and_other_merges():
 def test_coefficient_search_under_jit():
     base, taus, _, score_fns, finetuned = _setup()
     fn = jax.jit(lambda grid: M.coefficient_search(
-        lambda a: M.task_arithmetic(base, taus, a), grid, score_fns, finetuned))
+        lambda a: M.task_arithmetic(base, taus, alpha=a), grid, score_fns, finetuned))
     grid = jnp.linspace(0.0, 1.0, 6)
     got = fn(grid)
-    want = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, a), grid,
+    want = M.coefficient_search(lambda a: M.task_arithmetic(base, taus, alpha=a), grid,
                                 score_fns, finetuned, jit=False)
     np.testing.assert_allclose(got.mean_normalized, want.mean_normalized, rtol=1e-14)
     assert int(got.best_index) == int(want.best_index)
@@ -89,7 +89,7 @@ def test_coefficient_search_under_jit():
 
 def test_bad_input_raises_a_clear_value_error():
     base, taus, _, score_fns, finetuned = _setup()
-    merge = lambda a: M.task_arithmetic(base, taus, a)
+    merge = lambda a: M.task_arithmetic(base, taus, alpha=a)
     with pytest.raises(ValueError, match="non-empty grid"):
         M.coefficient_search(merge, [], score_fns, finetuned)
     with pytest.raises(ValueError, match="non-empty grid"):

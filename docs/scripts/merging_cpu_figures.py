@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import taskvec_jax as tvj
-from taskvec_jax.merging import sparsify
+from taskvec_jax.merging import ties_merging
 
 P, T = 4_000_000, 8
 SHAPES = {"a": (1000, 2000), "b": (2000, 900), "c": (200_000,)}
@@ -49,14 +49,17 @@ def main():
     print(f"trim, global, one jnp.sort  : {best_of(lambda: sort_trim(taus[0])):.3f} s")
     print(f"trim, row, bit bisection    : {best_of(lambda: tvj.merging.trim(taus[0], density=0.2, scope='row')):.3f} s")
     for scope in ("global", "row"):
-        t = best_of(lambda: tvj.merging.ties_merge(taus, density=0.2, scope=scope), reps=2)
-        print(f"ties_merge, {scope:6s}         : {t:.3f} s")
-    print(f"task_arithmetic             : {best_of(lambda: tvj.merging.task_arithmetic(taus[0], taus, 0.3)):.3f} s")
-    state = sparsify._ties_init(taus[0], T, "mean")
-    step = sparsify._ties_step_jit.lower(state, taus[0], density=0.2, scope="global",
-                                         merge="mean").compile().memory_analysis()
-    graph = sparsify._ties_merge_graph.lower(tuple(taus), density=0.2, scope="global",
-                                             merge="mean").compile().memory_analysis()
+        t = best_of(lambda: tvj.merging.ties_task_vector(taus, density=0.2, scope=scope), reps=2)
+        print(f"ties_task_vector, {scope:6s}   : {t:.3f} s")
+    print(f"task_arithmetic             : {best_of(lambda: tvj.merging.task_arithmetic(taus[0], taus, alpha=0.3)):.3f} s")
+    # The compiled programs behind ties_task_vector (private: measured, not API).
+    state = ties_merging._ties_init(taus[0], T, "mean")
+    step = ties_merging._ties_step_jit.lower(state, taus[0], None, density=0.2,
+                                             scope="global", merge="mean",
+                                             consensus="mass").compile().memory_analysis()
+    graph = ties_merging._ties_graph.lower(tuple(taus), None, density=0.2, scope="global",
+                                           merge="mean",
+                                           consensus="mass").compile().memory_analysis()
     print(f"ties eager step: temp {step.temp_size_in_bytes / MODEL_BYTES:.2f} models, "
           f"donated accumulators {step.alias_size_in_bytes / MODEL_BYTES:.2f} models")
     print(f"ties as one program over {T} tasks: temp "

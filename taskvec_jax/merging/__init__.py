@@ -1,9 +1,16 @@
 """Model merging as pure functions over pytrees.
 
-* :mod:`~taskvec_jax.merging.arithmetic`: :func:`task_arithmetic`.
-* :mod:`~taskvec_jax.merging.sparsify`: :func:`magnitude_mask`, :func:`trim`,
-  :func:`ties_merge`, :func:`ties`, :func:`dare`, :func:`breadcrumbs` (every choice of
-  scope, counting rule and tie-breaking is an explicit, documented argument).
+Every merge is ``name(base, task_vectors, *, alpha, ...) -> model`` with ``alpha`` a
+scalar or one coefficient per task; a merge's task-vector form is
+``name_task_vector(task_vectors, ...) -> task vector``.
+
+* :mod:`~taskvec_jax.merging.arithmetic`: :func:`task_arithmetic` (the one
+  ``base + sum_t alpha_t tau_t``).
+* :mod:`~taskvec_jax.merging.sparsify`: :func:`magnitude_mask`, :func:`trim` (scope,
+  counting rule and tie-breaking of the kernel in :mod:`~taskvec_jax.merging._select`).
+* :mod:`~taskvec_jax.merging.ties_merging`: :func:`ties`, :func:`ties_task_vector`.
+* :mod:`~taskvec_jax.merging.drop_and_rescale`: :func:`dare`, :func:`dare_task_arithmetic`.
+* :mod:`~taskvec_jax.merging.model_breadcrumbs`: :func:`breadcrumbs`.
 * :mod:`~taskvec_jax.merging.iterative`: :func:`atm` (iterative task arithmetic).
 * :mod:`~taskvec_jax.merging.soups`: :func:`uniform_soup`, :func:`greedy_soup`,
   :func:`learned_soup`.
@@ -13,7 +20,9 @@ Design notes, conventions and memory use: docs/merging.md.
 """
 
 from taskvec_jax.merging.arithmetic import task_arithmetic
+from taskvec_jax.merging.drop_and_rescale import dare, dare_task_arithmetic
 from taskvec_jax.merging.iterative import ATMResult, atm
+from taskvec_jax.merging.model_breadcrumbs import breadcrumbs
 from taskvec_jax.merging.search import CoefficientSearch, coefficient_search
 from taskvec_jax.merging.soups import (
     GRANULARITIES,
@@ -23,20 +32,18 @@ from taskvec_jax.merging.soups import (
     learned_soup,
     uniform_soup,
 )
-from taskvec_jax.merging.sparsify import (
-    SCOPES,
+from taskvec_jax.merging.sparsify import SCOPES, magnitude_mask, trim
+from taskvec_jax.merging.ties_merging import (
+    CONSENSUS,
     TIES_MERGES,
-    breadcrumbs,
-    dare,
-    magnitude_mask,
     ties,
     ties_merge,
-    trim,
+    ties_task_vector,
 )
 
 __all__ = [
-    "ATMResult", "CoefficientSearch", "GRANULARITIES", "GreedySoup", "LearnedSoup",
-    "SCOPES", "TIES_MERGES", "atm", "breadcrumbs", "coefficient_search", "dare",
-    "greedy_soup", "learned_soup", "magnitude_mask", "task_arithmetic", "ties",
-    "ties_merge", "trim", "uniform_soup",
+    "ATMResult", "CONSENSUS", "CoefficientSearch", "GRANULARITIES", "GreedySoup",
+    "LearnedSoup", "SCOPES", "TIES_MERGES", "atm", "breadcrumbs", "coefficient_search",
+    "dare", "dare_task_arithmetic", "greedy_soup", "learned_soup", "magnitude_mask",
+    "task_arithmetic", "ties", "ties_merge", "ties_task_vector", "trim", "uniform_soup",
 ]

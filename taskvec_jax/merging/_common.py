@@ -1,4 +1,10 @@
-"""Validation and flattening shared by the merging modules (private)."""
+"""Validation and flattening shared by the merging modules (private).
+
+Its functions carry no underscore so that every merging module may import them; they are
+not part of the public API. General validators live in :mod:`taskvec_jax._checks`, the
+float32+ accumulation rule in :mod:`taskvec_jax.tree`; this module holds only what is
+particular to merging (fractions that fix a count, per-task coefficients, task folds).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from taskvec_jax import _checks
 from taskvec_jax import task_vectors as tv_lib
 from taskvec_jax import tree as tree_lib
 
 PyTree = Any
 
+__all__ = [
+    "accumulation_dtype", "check_density", "check_models", "check_outliers", "count_of",
+    "exact", "flatten", "flatten_tasks", "fold_tasks", "is_none", "is_param", "is_traced",
+    "leaf_paths", "per_task_alpha", "scalar_alpha", "static_number",
+]
+
+# The one rule for sums over tasks or models (at least float32), kept importable here.
+accumulation_dtype = tree_lib.accumulation_dtype
+
 
 def is_none(x: Any) -> bool:
+    """``is_leaf`` predicate keeping ``None`` as a leaf."""
     return x is None
 
 
@@ -31,6 +48,7 @@ def flatten(tree: PyTree) -> tuple[list[Any], Any]:
 
 
 def leaf_paths(tree: PyTree) -> list[str]:
+    """``'params/Dense_0/kernel'``-style names of the leaves, ``None`` leaves included."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)
     return [tree_lib.path_str(p) for p, _ in flat]
 
@@ -48,10 +66,7 @@ def flatten_tasks(task_vectors: Sequence[PyTree], base: PyTree | None = None):
 
 def check_models(models: Sequence[PyTree]) -> None:
     """Non-empty sequence of models with equal structure, shapes and dtypes."""
-    if isinstance(models, dict) or not isinstance(models, Sequence):
-        raise ValueError(f"expected a sequence of models, got {type(models).__name__}")
-    if len(models) == 0:
-        raise ValueError("expected at least one model, got an empty sequence")
+    models = _checks.non_empty_sequence(models, "models", item="model")
     for i, m in enumerate(models):
         tv_lib.check_compatible(m, models[0], name=f"model {i}", reference_name="model 0",
                                 allow_none=False)
@@ -75,6 +90,7 @@ def per_task_alpha(alpha: Any, num_tasks: int, *, name: str = "alpha") -> jax.Ar
 
 
 def scalar_alpha(alpha: Any, *, name: str = "alpha") -> jax.Array:
+    """``alpha`` as a real scalar array; raises ``ValueError`` naming ``name`` otherwise."""
     alpha = jnp.asarray(alpha)
     if alpha.ndim != 0 or not jnp.issubdtype(alpha.dtype, jnp.number):
         raise ValueError(f"{name} must be a real scalar, got shape {alpha.shape} dtype "
@@ -100,6 +116,7 @@ def static_number(value: Any, name: str) -> float:
 
 
 def check_density(density: Any, name: str = "density") -> float:
+    """A concrete fraction in ``(0, 1]``."""
     d = static_number(density, name)
     if not 0.0 < d <= 1.0:
         raise ValueError(f"{name} must lie in (0, 1], got {density!r}")
@@ -107,6 +124,7 @@ def check_density(density: Any, name: str = "density") -> float:
 
 
 def check_outliers(outliers: Any, density: float) -> float:
+    """A concrete fraction in ``[0, 1)`` with ``outliers + density <= 1`` (exactly)."""
     o = static_number(outliers, "outliers")
     if not 0.0 <= o < 1.0:
         raise ValueError(f"outliers must lie in [0, 1), got {outliers!r}")
@@ -128,11 +146,6 @@ def count_of(fraction: float, n: int) -> int:
     in floating point. For ``0 < fraction <= 1`` and ``n >= 1`` the count lies in ``[1, n]``.
     """
     return math.ceil(exact(fraction) * n)
-
-
-def accumulation_dtype(dtype: Any) -> Any:
-    """Sums over tasks or models run in at least float32 (bfloat16 sums lose too much)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def fold_tasks(step, state: Any, items: Sequence[Any]) -> Any:

@@ -1,17 +1,46 @@
-"""Task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023)."""
+"""Task arithmetic: THE one ``base + sum_t alpha_t * tau_t`` of the merging package.
+
+Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. :func:`add_weighted` is
+the unchecked, jittable sum (over :func:`taskvec_jax.tree.weighted_sum`, float32+
+accumulation) that every merge adding task vectors to a base calls: task arithmetic,
+DARE + task arithmetic, Breadcrumbs, the rounds of ATM.
+"""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import jax
 
+from taskvec_jax import tree as tree_lib
 from taskvec_jax.merging import _common
 
 PyTree = Any
 
+__all__ = ["add_weighted", "task_arithmetic"]
 
-def task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree],
+
+def add_weighted(base: PyTree, task_vectors: Sequence[PyTree],
+                 alphas: jax.Array | Sequence[Any] | None = None) -> PyTree:
+    """``base + sum_t alphas[t] * task_vectors[t]``, unchecked (the kernel of every merge).
+
+    Sums run in at least float32 (:func:`taskvec_jax.tree.accumulation_dtype`) and are
+    cast back to the base's dtypes; where a task vector holds ``None`` or a non-float leaf
+    the base value is kept. The task vectors are read one at a time, never stacked.
+
+    Args:
+      base: the model the task vectors are added to.
+      task_vectors: a non-empty sequence of trees shaped like ``base`` (not checked).
+      alphas: ``None`` (all ones) or ``T`` coefficients (may be traced).
+
+    Returns:
+      A tree shaped like ``base``, in its dtypes.
+    """
+    return tree_lib.weighted_sum(task_vectors, alphas, start=base)
+
+
+def task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *args,
                     alpha: float | Sequence[float] | jax.Array = 1.0) -> PyTree:
     """Task arithmetic: ``theta = base + sum_t alpha_t * tau_t``.
 
@@ -28,6 +57,7 @@ def task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree],
       task_vectors: a non-empty sequence of task vectors shaped like ``base``
         (``None`` at non-float leaves, where the base value is kept).
       alpha: a scalar or a ``[T]`` sequence/array of coefficients; may be traced.
+        Keyword-only; passing it positionally is deprecated (one release).
 
     Returns:
       The merged model, shaped like ``base`` with its dtypes.
@@ -36,21 +66,17 @@ def task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree],
       ValueError: for an empty sequence, a task vector that does not match ``base``
         (naming the task index and leaf path), or ``alpha`` of the wrong shape.
     """
+    if args:
+        if len(args) > 1:
+            raise TypeError("task_arithmetic takes base, task_vectors and the keyword "
+                            f"alpha; got {len(args)} more positional arguments")
+        warnings.warn("task_arithmetic(base, task_vectors, alpha) is deprecated: pass "
+                      "alpha by keyword, task_arithmetic(base, task_vectors, alpha=...)",
+                      DeprecationWarning, stacklevel=2)
+        (alpha,) = args
     _common.flatten_tasks(task_vectors, base)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
-    return _task_arithmetic_jit(base, tuple(task_vectors), alphas)
+    return _add_weighted_jit(base, tuple(task_vectors), alphas)
 
 
-@jax.jit
-def _task_arithmetic_jit(base, task_vectors, alphas):
-    base_leaves, treedef = _common.flatten(base)
-    acc: list[Any] = [None] * len(base_leaves)
-    for t, tau in enumerate(task_vectors):
-        for i, x in enumerate(_common.flatten(tau)[0]):
-            if not _common.is_param(x):
-                continue
-            adt = _common.accumulation_dtype(x.dtype)
-            term = alphas[t].astype(adt) * x.astype(adt)
-            acc[i] = term if acc[i] is None else acc[i] + term
-    out = [b if a is None else (b + a).astype(b.dtype) for b, a in zip(base_leaves, acc)]
-    return jax.tree.unflatten(treedef, out)
+_add_weighted_jit = jax.jit(add_weighted)

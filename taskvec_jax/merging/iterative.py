@@ -19,10 +19,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from taskvec_jax.finetune import finetune_tasks
-from taskvec_jax.merging import _common
+from taskvec_jax import _checks
+from taskvec_jax import tree as tree_lib
+from taskvec_jax.merging import _common, arithmetic
+from taskvec_jax.training import finetune_tasks
 
 PyTree = Any
+
+__all__ = ["ATMResult", "atm"]
 
 
 class ATMResult(NamedTuple):
@@ -88,13 +92,9 @@ def atm(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
       ValueError: for a non-positive ``num_rounds``, an empty task list, or anything
         :func:`taskvec_jax.finetune_tasks` rejects.
     """
-    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
-        raise ValueError(f"num_rounds must be a positive integer, got {num_rounds!r}")
-    if isinstance(task_datasets, dict) or not isinstance(task_datasets, Sequence):
-        raise ValueError("task_datasets must be a sequence of datasets (one per task), "
-                         f"got {type(task_datasets).__name__}")
-    if len(task_datasets) == 0:
-        raise ValueError("task_datasets is empty: pass at least one task's data")
+    num_rounds = _checks.positive_int(num_rounds, "num_rounds")
+    task_datasets = _checks.non_empty_sequence(task_datasets, "task_datasets",
+                                               item="task's data")
     num_tasks = len(task_datasets)
     alpha = _common.scalar_alpha(1.0 / num_tasks if alpha is None else alpha)
     for name in ("start_epoch", "opt_state"):
@@ -120,13 +120,15 @@ def atm(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
 
 @jax.jit
 def _merge_round(theta, finetuned, alpha):
-    """``theta + alpha * sum_t (finetuned_t - theta)``, one accumulator, no stacking."""
-    base, treedef = _common.flatten(theta)
-    acc: list[Any] = [None] * len(base)
-    for model in finetuned:
-        for i, (x, b) in enumerate(zip(_common.flatten(model)[0], base)):
-            adt = _common.accumulation_dtype(b.dtype)
-            tau = x.astype(adt) - b.astype(adt)
-            acc[i] = tau if acc[i] is None else acc[i] + tau
-    out = [(b + alpha.astype(a.dtype) * a).astype(b.dtype) for b, a in zip(base, acc)]
-    return jax.tree.unflatten(treedef, out)
+    """``theta + sum_t alpha * (finetuned_t - theta)``, one accumulator, no stacking.
+
+    The differences are taken in the accumulation dtype (at least float32), so that a
+    bfloat16 model's task vectors lose nothing before they are summed; XLA fuses them
+    into the sum.
+    """
+    def task_vector(model):
+        return jax.tree.map(lambda x, b: x.astype(tree_lib.accumulation_dtype(b.dtype))
+                            - b.astype(tree_lib.accumulation_dtype(b.dtype)), model, theta)
+
+    return arithmetic.add_weighted(theta, [task_vector(m) for m in finetuned],
+                                   jnp.broadcast_to(alpha, (len(finetuned),)))

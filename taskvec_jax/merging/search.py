@@ -16,7 +16,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from taskvec_jax import _checks
+
 PyTree = Any
+
+__all__ = ["CoefficientSearch", "coefficient_search"]
 
 
 class CoefficientSearch(NamedTuple):
@@ -55,7 +59,7 @@ def coefficient_search(merge_fn: Callable[[jax.Array], PyTree], alphas: Any,
 
         taus = [tvj.task_vector(ft, base) for ft in finetuned]
         fns = [lambda p, d=d: tvj.models.accuracy(model, p, d) for d in val_datasets]
-        result = coefficient_search(lambda a: task_arithmetic(base, taus, a),
+        result = coefficient_search(lambda a: task_arithmetic(base, taus, alpha=a),
                                     jnp.linspace(0.0, 1.0, 11), fns, ft_accuracies)
 
     Memory: with ``jit=True`` the grid is evaluated by ``lax.map`` inside one compiled
@@ -64,7 +68,7 @@ def coefficient_search(merge_fn: Callable[[jax.Array], PyTree], alphas: Any,
 
     Args:
       merge_fn: ``merge_fn(alpha) -> params``, e.g.
-        ``lambda a: task_arithmetic(base, taus, a)``.
+        ``lambda a: task_arithmetic(base, taus, alpha=a)``.
       alphas: the grid: a non-empty sequence or array whose leading axis indexes grid
         points (scalars, or e.g. ``[T]`` per-task coefficients).
       score_fns: one ``score(params) -> scalar`` per task (higher is better), each on
@@ -79,11 +83,8 @@ def coefficient_search(merge_fn: Callable[[jax.Array], PyTree], alphas: Any,
       ValueError: for an empty grid, no score functions, a ``finetuned_scores`` of the
         wrong length, or a non-positive finetuned score.
     """
-    if isinstance(score_fns, dict) or not isinstance(score_fns, Sequence):
-        raise ValueError("score_fns must be a sequence of functions, one per task, got "
-                         f"{type(score_fns).__name__}")
-    if len(score_fns) == 0:
-        raise ValueError("score_fns is empty: pass one score function per task")
+    score_fns = _checks.non_empty_sequence(score_fns, "score_fns",
+                                           item="score function per task")
     for t, fn in enumerate(score_fns):
         if not callable(fn):
             raise ValueError(f"score_fns[{t}] is not callable: {type(fn).__name__}")

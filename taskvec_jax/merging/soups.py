@@ -19,6 +19,10 @@ from jax import lax
 from taskvec_jax.merging import _common
 
 PyTree = Any
+
+__all__ = ["GRANULARITIES", "GreedySoup", "LearnedSoup", "greedy_soup", "learned_soup",
+           "uniform_soup"]
+
 ScoreFn = Callable[[PyTree], jax.Array]
 
 

@@ -1,0 +1,126 @@
+"""DARE, Drop And REscale (Yu et al., "Language Models are Super Mario", ICML 2024).
+
+:func:`dare` sparsifies one task vector at random; :func:`dare_task_arithmetic` is the
+merge DARE + task arithmetic. DARE-TIES is
+``ties(base, [dare(tau_t, ...) for t], density=1.0)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from taskvec_jax.merging import _common, arithmetic
+
+PyTree = Any
+
+__all__ = ["dare", "dare_task_arithmetic"]
+
+
+def dare(task_vector: PyTree, *, drop_rate: float | jax.Array, key: jax.Array,
+         rescale: bool = True) -> PyTree:
+    """DARE, Drop And REscale (Yu et al., 2024).
+
+    Each entry is dropped independently with probability ``p = drop_rate``; survivors
+    are divided by ``1 - p`` (``rescale=True``), so ``E[dare(tau)] = tau``:
+    ``out = where(keep, tau / (1 - p), 0)`` with ``keep ~ Bernoulli(1 - p)``. With
+    ``p = 0`` every entry survives and ``out == tau`` exactly.
+
+    Randomness: the leaf at flattening position ``i`` (``None`` leaves counted) draws
+    from ``jax.random.fold_in(key, i)``, so a leaf's mask does not depend on the others.
+
+    Memory: the output tree plus one leaf's transient random bits.
+
+    Args:
+      task_vector: a pytree of arrays; ``None`` and non-float leaves are returned as is.
+      drop_rate: ``p`` in ``[0, 1)``; may be traced (then it is not range-checked).
+      key: a PRNG key.
+      rescale: divide survivors by ``1 - p``.
+
+    Returns:
+      A tree shaped like ``task_vector`` with the same dtypes.
+
+    Raises:
+      ValueError: for a concrete drop_rate outside ``[0, 1)`` or a non-scalar one.
+    """
+    _check_drop_rate(drop_rate)
+    return _dare_jit(task_vector, drop_rate, key, rescale=bool(rescale))
+
+
+def _check_drop_rate(drop_rate: Any) -> None:
+    if not isinstance(drop_rate, jax.core.Tracer):
+        p = _common.static_number(drop_rate, "drop_rate")
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop_rate must lie in [0, 1), got {drop_rate!r}")
+    elif jnp.ndim(drop_rate) != 0:
+        raise ValueError(f"drop_rate must be a scalar, got shape {jnp.shape(drop_rate)}")
+
+
+def _drop_and_rescale(task_vector, drop_rate, key, rescale):
+    """The DARE map on one tree (traceable; no checks)."""
+    leaves, treedef = _common.flatten(task_vector)
+    out = []
+    for i, x in enumerate(leaves):
+        if not _common.is_param(x):
+            out.append(x)
+            continue
+        keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - drop_rate,
+                                    jnp.shape(x))
+        if rescale:
+            # A per-entry divisor: XLA on CPU turns division by a broadcast scalar into
+            # multiplication by its reciprocal, which is off by an ulp; this way every
+            # survivor is the correctly rounded x / (1 - p).
+            one = jnp.ones((), x.dtype)
+            x = x / jnp.where(keep, (1 - drop_rate).astype(x.dtype), one)
+        out.append(jnp.where(keep, x, jnp.zeros((), x.dtype)))
+    return jax.tree.unflatten(treedef, out)
+
+
+_dare_jit = jax.jit(_drop_and_rescale, static_argnames=("rescale",))
+
+
+def dare_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *,
+                         alpha: float | Sequence[float] | jax.Array = 1.0,
+                         drop_rate: float | jax.Array, key: jax.Array,
+                         rescale: bool = True) -> PyTree:
+    """DARE + task arithmetic: ``base + sum_t alpha_t * dare(tau_t, key_t)``.
+
+    Task ``t`` draws its drop mask with ``key_t = jax.random.fold_in(key, t)`` (then leaf
+    ``i`` within it with ``fold_in(key_t, i)``, see :func:`dare`), so the result equals
+    ``task_arithmetic(base, [dare(tau_t, drop_rate=p, key=fold_in(key, t)) for t],
+    alpha=alpha)``, computed in one program with one accumulator.
+
+    Memory: one model-sized accumulator (at least float32) and the output; the dropped
+    task vectors are fused into the sum, never stacked.
+
+    Args:
+      base: the pretrained model.
+      task_vectors: a non-empty sequence of task vectors shaped like ``base``.
+      alpha: a scalar or one coefficient per task (``[T]``); may be traced.
+      drop_rate: ``p`` in ``[0, 1)``; may be traced.
+      key: a PRNG key.
+      rescale: divide survivors by ``1 - p``.
+
+    Returns:
+      The merged model, shaped like ``base`` with its dtypes.
+
+    Raises:
+      ValueError: for an empty sequence, a task vector that does not match ``base``
+        (naming the task index and leaf path), alpha of the wrong shape, or a concrete
+        drop_rate outside ``[0, 1)``.
+    """
+    _common.flatten_tasks(task_vectors, base)
+    alphas = _common.per_task_alpha(alpha, len(task_vectors))
+    _check_drop_rate(drop_rate)
+    return _dare_task_arithmetic_jit(base, tuple(task_vectors), alphas, drop_rate, key,
+                                     rescale=bool(rescale))
+
+
+@functools.partial(jax.jit, static_argnames=("rescale",))
+def _dare_task_arithmetic_jit(base, task_vectors, alphas, drop_rate, key, *, rescale):
+    dropped = [_drop_and_rescale(tv, drop_rate, jax.random.fold_in(key, t), rescale)
+               for t, tv in enumerate(task_vectors)]
+    return arithmetic.add_weighted(base, dropped, alphas)
