@@ -65,21 +65,21 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, mode):
     straight = tvj.finetune(loss_fn, params, data, opt, 6, key=key, **kw)
     # "interrupted" after epoch 4: the run directory holds epochs 2 and 4 ...
     state, _ = resumable.resumable_finetune(loss_fn, params, data, opt, 4, tmp_path / "run",
-                                             save_every=2, key=key, **kw)
+                                           save_every=2, key=key, **kw)
     assert state.epoch == 4
     # ... and a fresh call picks up from epoch 4 and finishes
     state, losses = resumable.resumable_finetune(loss_fn, params, data, opt, 6,
-                                                  tmp_path / "run", save_every=2, key=key,
-                                                  **kw)
+                                                 tmp_path / "run", save_every=2, key=key,
+                                                 **kw)
     assert state.epoch == 6
     assert max_abs_diff(state.params, straight.final_params) == 0.0
     np.testing.assert_array_equal(losses, straight.losses)
     with pytest.raises(ValueError, match="different PRNG key"):
         resumable.resumable_finetune(loss_fn, params, data, opt, 8, tmp_path / "run",
-                                      save_every=2, key=jax.random.key(5), **kw)
+                                     save_every=2, key=jax.random.key(5), **kw)
     with pytest.raises(ValueError, match="beyond num_epochs=3"):
         resumable.resumable_finetune(loss_fn, params, data, opt, 3, tmp_path / "run",
-                                      save_every=2, key=key, **kw)
+                                     save_every=2, key=key, **kw)
 
 
 def test_resume_via_finetune_start_epoch_matches():

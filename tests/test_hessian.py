@@ -22,7 +22,7 @@ def _problem(activation="tanh", loss="cross_entropy", n=11):
     data = {"image": x, "label": jax.random.randint(jax.random.key(2), (n,), 0, 3)}
     params = model.init(jax.random.key(0), x[:1])["params"]
     flat, unravel = tree.ravel(params)
-    dense = jax.hessian(lambda f: loss_fn(unravel(f), data))(flat)
+    dense = jax.jit(jax.hessian(lambda f: loss_fn(unravel(f), data)))(flat)
     return loss_fn, params, data, np.asarray(dense), unravel
 
 
