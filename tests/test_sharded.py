@@ -37,10 +37,10 @@ def _setup(num_tasks, n=61):
 def test_sharded_finetune_tasks_equals_single_device(num_tasks, shape):
     loss_fn, params, tasks = _setup(num_tasks)
     mesh = sharded.make_mesh(*shape)
-    sharded = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3, mesh=mesh)
+    on_mesh = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3, mesh=mesh)
     single = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3)
-    assert len(sharded) == num_tasks
-    for a, b in zip(sharded, single):
+    assert len(on_mesh) == num_tasks
+    for a, b in zip(on_mesh, single):
         assert max_abs_diff(a.params, b.params) <= 1e-12
         assert max_abs_diff(a.epoch_gradients, b.epoch_gradients) <= 1e-12
         np.testing.assert_allclose(a.losses, b.losses, rtol=1e-12)
@@ -50,11 +50,11 @@ def test_sharded_minibatch_finetune_tasks_equals_single_device():
     loss_fn, params, tasks = _setup(5)
     mesh = sharded.make_mesh(4, 2)
     key = jax.random.key(2)
-    sharded = tvj.finetune_tasks(loss_fn, params, tasks, optax.adam(1e-2), 2, mesh=mesh,
+    on_mesh = tvj.finetune_tasks(loss_fn, params, tasks, optax.adam(1e-2), 2, mesh=mesh,
                                  batch_size=8, key=key)
     single = tvj.finetune_tasks(loss_fn, params, tasks, optax.adam(1e-2), 2, batch_size=8,
                                 key=key)
-    for a, b in zip(sharded, single):
+    for a, b in zip(on_mesh, single):
         assert max_abs_diff(a.params, b.params) <= 1e-12
 
 
@@ -76,11 +76,11 @@ def test_sharded_multitask_equals_single_device(shape):
     loss_fn, params, tasks = _setup(5)
     mesh = sharded.make_mesh(*shape)
     w = jnp.array([1.0, 0.5, 2.0, 1.0, 0.25])
-    sharded = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.2), 3, mesh=mesh,
+    on_mesh = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.2), 3, mesh=mesh,
                                      weights=w)
     single = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.2), 3, weights=w)
-    assert max_abs_diff(sharded.params, single.params) <= 1e-12
-    np.testing.assert_allclose(sharded.losses, single.losses, rtol=1e-12)
+    assert max_abs_diff(on_mesh.params, single.params) <= 1e-12
+    np.testing.assert_allclose(on_mesh.losses, single.losses, rtol=1e-12)
 
 
 def test_sharded_program_compiles_once():
