@@ -18,7 +18,7 @@ WORKER = r"""
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np, optax
 import taskvec_jax as tvj
-from taskvec_jax import parallel
+from taskvec_jax.training import sharded
 from taskvec_jax.models import MLP, make_loss_fn
 devices, tasks, n, epochs = map(int, sys.argv[1:5])
 rng = np.random.default_rng(0)
@@ -27,7 +27,7 @@ data = [{"image": jnp.asarray(rng.normal(size=(n, 28, 28, 1)), jnp.float32),
 model = MLP((256, 256, 10), "tanh")
 params = model.init(jax.random.key(0), data[0]["image"][:1])["params"]
 loss_fn = make_loss_fn(model)
-mesh = parallel.make_mesh(devices, 1, devices=jax.devices()[:devices])
+mesh = sharded.make_mesh(devices, 1, devices=jax.devices()[:devices])
 opt = optax.sgd(0.05)
 run = lambda: jax.block_until_ready([t.params for t in tvj.finetune_tasks(
     loss_fn, params, data, opt, epochs, mesh=mesh, record_gradients=False,

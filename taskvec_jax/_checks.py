@@ -10,6 +10,7 @@ they are not part of the public API and may change without notice.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -22,7 +23,7 @@ PyTree = Any
 
 __all__ = [
     "float_dtype", "loss_is_scalar", "non_empty_sequence", "num_examples", "positive_int",
-    "signature", "task_datasets",
+    "renamed", "signature", "task_datasets",
 ]
 
 
@@ -136,3 +137,22 @@ def signature(tree: PyTree) -> tuple:
     stacked and run through one compiled, ``vmap``-ed program."""
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
+
+
+def renamed(old_value: Any, old_name: str, new_value: Any, new_name: str,
+            default: Any) -> Any:
+    """Resolves a deprecated keyword alias: returns the value to use for ``new_name``.
+
+    If the caller passed the old keyword (``old_value is not None``) a
+    ``DeprecationWarning`` names the new one; passing both is an error.
+
+    Raises:
+      TypeError: if both ``old_name`` and ``new_name`` were given.
+    """
+    if old_value is None:
+        return new_value
+    if new_value != default:
+        raise TypeError(f"pass {new_name}= only; {old_name}= is its deprecated alias")
+    warnings.warn(f"{old_name}= is deprecated; use {new_name}=", DeprecationWarning,
+                  stacklevel=3)
+    return old_value

@@ -22,9 +22,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from taskvec_jax.finetune import Trajectory
+from taskvec_jax.training import Trajectory
 
 PyTree = Any
+
+__all__ = ["PCA", "cosine_matrix", "epoch_displacements", "epoch_gradient_cosines", "gram",
+           "normalized_contributions", "pca", "project"]
 
 
 def _num_points(stacked: PyTree) -> int:
@@ -90,11 +93,6 @@ def epoch_gradient_cosines(traj: Trajectory) -> jax.Array:
         raise ValueError("this trajectory has no epoch gradients (finetune with "
                          "record_gradients=True)")
     return cosine_matrix(traj.epoch_gradients)
-
-
-def task_vector_cosines(task_vectors: list[PyTree]) -> jax.Array:
-    """The ``[T, T]`` cosine matrix between task vectors (``None`` leaves are skipped)."""
-    return cosine_matrix(jax.tree.map(lambda *xs: jnp.stack(xs), *task_vectors))
 
 
 class PCA(NamedTuple):

@@ -1,10 +1,11 @@
-"""Saving and restoring parameters, trajectories and resumable runs with orbax.
+"""Saving and restoring parameter pytrees (params, trajectories, optimizer states) with orbax.
 
 Every write goes through a closed orbax checkpointer (orbax saves asynchronously; a
 process that exits before the save finishes writes nothing), with absolute paths, and
 never destroys what is already on disk: :func:`save` refuses an existing path unless
 ``overwrite=True``, and then writes the new checkpoint beside the old one and swaps them
-only once the new one is complete.
+only once the new one is complete. Checkpointed, resumable finetuning lives in
+:mod:`taskvec_jax.training.resumable`.
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
-from taskvec_jax.finetune import _check_positive_int, finetune
-
 PyTree = Any
+
+__all__ = ["restore", "save"]
 
 
 def _abs(path: str | os.PathLike) -> str:
@@ -86,101 +84,3 @@ def restore(path: str | os.PathLike, like: PyTree | None = None) -> PyTree:
     target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)
-
-
-class RunState(NamedTuple):
-    """What a finetune needs to continue: parameters, optimizer state, epochs done."""
-
-    params: PyTree
-    opt_state: Any
-    epoch: int
-
-
-def _key_data(key):
-    if key is None:
-        return None
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key))
-    return np.asarray(key)
-
-
-def resumable_finetune(
-    loss_fn,
-    params: PyTree,
-    data: PyTree,
-    optimizer: optax.GradientTransformation,
-    num_epochs: int,
-    directory: str | os.PathLike,
-    *,
-    save_every: int = 1,
-    max_to_keep: int | None = 2,
-    key: jax.Array | None = None,
-    **finetune_kwargs,
-) -> tuple[RunState, np.ndarray]:
-    """:func:`taskvec_jax.finetune` that checkpoints every ``save_every`` epochs and resumes.
-
-    If ``directory`` already holds a checkpoint of this run, training continues from its
-    latest epoch; a run interrupted after epoch ``j`` and called again ends bit for bit
-    where the uninterrupted run ends (shuffles depend on the absolute epoch). Calling
-    again with a larger ``num_epochs`` extends a finished run.
-
-    Args:
-      loss_fn, params, data, optimizer, num_epochs, key: as in ``finetune``.
-      directory: where checkpoints go (one sub-directory per saved epoch).
-      save_every: epochs between checkpoints.
-      max_to_keep: how many checkpoints to keep (``None``: all).
-      **finetune_kwargs: ``batch_size``, ``microbatch_size``, ``drop_remainder``,
-        ``progress``.
-
-    Returns:
-      ``(RunState, losses)`` with the per-epoch losses of all epochs run so far.
-
-    Raises:
-      ValueError: if the checkpoint is past ``num_epochs`` or was made with another key.
-    """
-    _check_positive_int(save_every, "save_every")
-    _check_positive_int(num_epochs, "num_epochs")
-    for name in ("keep_epochs", "record_gradients", "opt_state", "start_epoch"):
-        if name in finetune_kwargs:
-            raise ValueError(f"resumable_finetune manages {name} itself")
-    directory = _abs(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    key_data = _key_data(key)
-    state = RunState(params, optimizer.init(params), 0)
-    losses: list[float] = []
-    with ocp.CheckpointManager(directory, options=options,
-                               item_names=("state", "log")) as manager:
-        latest = manager.latest_step()
-        if latest is not None:
-            if latest > num_epochs:
-                raise ValueError(f"{directory} holds a checkpoint at epoch {latest}, "
-                                 f"beyond num_epochs={num_epochs}")
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                    {"params": state.params, "opt_state": state.opt_state})
-            restored = manager.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), log=ocp.args.JsonRestore()))
-            log = restored["log"]
-            saved_key = None if log["key"] is None else np.asarray(log["key"], np.uint32)
-            if (saved_key is None) != (key_data is None) or (
-                    saved_key is not None and not np.array_equal(saved_key, key_data)):
-                raise ValueError(f"{directory} was written with a different PRNG key; "
-                                 "resuming with another key would change the shuffles")
-            state = RunState(restored["state"]["params"], restored["state"]["opt_state"],
-                             latest)
-            losses = list(log["losses"])
-        while state.epoch < num_epochs:
-            seg = min(save_every, num_epochs - state.epoch)
-            traj = finetune(
-                loss_fn, state.params, data, optimizer, seg, key=key,
-                opt_state=state.opt_state, start_epoch=state.epoch, keep_epochs=[seg],
-                record_gradients=False, **finetune_kwargs)
-            state = RunState(traj.final_params, traj.opt_state, state.epoch + seg)
-            losses.extend(np.asarray(traj.losses).tolist())
-            manager.save(state.epoch, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"params": state.params,
-                                             "opt_state": state.opt_state}),
-                log=ocp.args.JsonSave({"losses": losses,
-                                       "key": None if key_data is None
-                                       else key_data.tolist()})))
-        manager.wait_until_finished()
-    return state, np.asarray(losses)

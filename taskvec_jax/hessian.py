@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from taskvec_jax import _checks
 from taskvec_jax import tree as tree_lib
-from taskvec_jax.finetune import num_examples
+from taskvec_jax.training.microbatch import mean_over_microbatches
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -34,50 +35,8 @@ MatVec = Callable[[PyTree], PyTree]
 
 __all__ = [
     "PowerIterationResult", "TraceEstimate", "hessian_matvec", "hessian_spectral_norm",
-    "hessian_trace", "hutchinson_trace", "hvp", "mean_over_microbatches",
-    "power_iteration",
+    "hessian_trace", "hutchinson_trace", "hvp", "power_iteration",
 ]
-
-
-def mean_over_microbatches(fn: Callable[[PyTree], PyTree], data: PyTree,
-                           microbatch_size: int | None = None) -> PyTree:
-    """``sum_c (n_c / N) fn(chunk_c)``: an example-weighted mean of ``fn`` over chunks.
-
-    When ``fn(batch)`` is a mean over the examples of ``batch`` (a mean loss, its gradient,
-    a Hessian-vector product), this equals ``fn(data)``. The ``N // m`` full chunks run in
-    a ``lax.scan`` (one chunk in memory at a time); the ``N % m`` leftover examples form
-    one smaller chunk weighted by its size. ``microbatch_size=None`` (or ``>= N``) calls
-    ``fn(data)`` directly.
-
-    Args:
-      fn: maps a batch (pytree, leading axis = examples) to a pytree of arrays.
-      data: the full dataset.
-      microbatch_size: the chunk size ``m``.
-
-    Returns:
-      A pytree shaped like ``fn``'s output.
-    """
-    n = num_examples(data)
-    if microbatch_size is None or microbatch_size >= n:
-        return fn(data)
-    if microbatch_size < 1:
-        raise ValueError(f"microbatch_size must be positive, got {microbatch_size}")
-    m = microbatch_size
-    full = n // m
-    rest = n - full * m
-    chunks = jax.tree.map(lambda x: x[:full * m].reshape((full, m) + x.shape[1:]), data)
-    first = jax.tree.map(lambda x: x[0], chunks)
-    acc0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, first))
-
-    def body(acc, chunk):
-        return tree_lib.add(acc, fn(chunk)), None
-
-    total, _ = jax.lax.scan(body, acc0, chunks)
-    out = tree_lib.scale(m / n, total)
-    if rest:
-        tail = jax.tree.map(lambda x: x[full * m:], data)
-        out = tree_lib.add_scale(out, rest / n, fn(tail))
-    return out
 
 
 def hvp(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *,
@@ -94,7 +53,8 @@ def hvp(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *,
       data: pytree of arrays, leading axis = examples.
       v: a pytree shaped like ``params`` (the direction).
       microbatch_size: accumulate ``H v`` over chunks of this many examples (memory only;
-        the result is the same, see :func:`mean_over_microbatches`).
+        the result is the same, see
+        :func:`taskvec_jax.training.microbatch.mean_over_microbatches`).
 
     Returns:
       ``H v``, a pytree shaped like ``params``.
@@ -149,11 +109,12 @@ class PowerIterationResult(NamedTuple):
 
 
 def power_iteration(matvec: MatVec, v0: PyTree, *, tol: float = 1e-9,
-                    max_iters: int = 500) -> PowerIterationResult:
+                    max_steps: int = 500, max_iters: int | None = None
+                    ) -> PowerIterationResult:
     """Largest eigenvalue magnitude of a symmetric operator by power iteration.
 
     Iterates ``w = A v``, ``mu = ||w||``, ``v <- w / mu`` until
-    ``|mu_i - mu_{i-1}| <= tol * mu_i`` or ``max_iters`` products. For unit ``v``,
+    ``|mu_i - mu_{i-1}| <= tol * mu_i`` or ``max_steps`` products. For unit ``v``,
     ``||A v||^2 = v^T A^2 v``, so ``mu`` rises monotonically to ``||A||_2`` at the rate
     ``(lambda_2 / lambda_1)^2`` per step, whatever the signs of the eigenvalues, and is
     never above it: power iteration gives a lower estimate of the spectral norm.
@@ -163,13 +124,14 @@ def power_iteration(matvec: MatVec, v0: PyTree, *, tol: float = 1e-9,
       v0: the starting vector (must not be orthogonal to the top eigenvector; a random
         one almost surely is not). It need not be normalized.
       tol: relative tolerance on successive estimates.
-      max_iters: cap on the number of products.
+      max_steps: cap on the number of products.
+      max_iters: deprecated alias of ``max_steps``.
 
     Returns:
       A :class:`PowerIterationResult`.
     """
-    if max_iters < 1:
-        raise ValueError(f"max_iters must be at least 1, got {max_iters}")
+    max_steps = _checks.renamed(max_iters, "max_iters", max_steps, "max_steps", 500)
+    max_steps = _checks.positive_int(max_steps, "max_steps")
     v0 = tree_lib.scale(1.0 / tree_lib.norm(v0), v0)
     dtype = jnp.result_type(*jax.tree.leaves(v0))
     tiny = jnp.finfo(dtype).tiny
@@ -181,7 +143,7 @@ def power_iteration(matvec: MatVec, v0: PyTree, *, tol: float = 1e-9,
 
     def cond(state):
         i, _, mu, prev, _ = state
-        return (i < max_iters) & (jnp.abs(mu - prev) > tol * mu)
+        return (i < max_steps) & (jnp.abs(mu - prev) > tol * mu)
 
     def body(state):
         i, v, mu, _, _ = state
@@ -197,17 +159,20 @@ def power_iteration(matvec: MatVec, v0: PyTree, *, tol: float = 1e-9,
 
 
 def hessian_spectral_norm(loss_fn: LossFn, params: PyTree, data: PyTree,
-                          key: jax.Array, *, tol: float = 1e-9, max_iters: int = 500,
-                          microbatch_size: int | None = None) -> PowerIterationResult:
+                          key: jax.Array, *, tol: float = 1e-9, max_steps: int = 500,
+                          microbatch_size: int | None = None,
+                          max_iters: int | None = None) -> PowerIterationResult:
     """``||H||_2`` of the mean loss's Hessian at ``params`` by power iteration on HVPs.
 
     Starts from a standard normal pytree drawn with ``key``; see :func:`power_iteration`
     for the iteration, the tolerance and why the estimate never exceeds the true norm.
+    ``max_iters`` is a deprecated alias of ``max_steps``.
     """
+    max_steps = _checks.renamed(max_iters, "max_iters", max_steps, "max_steps", 500)
     v0 = _random_like(key, params, jax.random.normal)
     return power_iteration(hessian_matvec(loss_fn, params, data,
                                           microbatch_size=microbatch_size),
-                           v0, tol=tol, max_iters=max_iters)
+                           v0, tol=tol, max_steps=max_steps)
 
 
 class TraceEstimate(NamedTuple):
@@ -215,8 +180,8 @@ class TraceEstimate(NamedTuple):
 
     Attributes:
       estimate: the mean of ``z_i^T A z_i`` over the probes.
-      stderr: its standard error, ``std(z_i^T A z_i, ddof=1) / sqrt(num_probes)``.
-      samples: the ``num_probes`` individual values ``z_i^T A z_i``.
+      stderr: its standard error, ``std(z_i^T A z_i, ddof=1) / sqrt(num_samples)``.
+      samples: the ``num_samples`` individual values ``z_i^T A z_i``.
     """
 
     estimate: jax.Array
@@ -225,28 +190,34 @@ class TraceEstimate(NamedTuple):
 
 
 def hutchinson_trace(matvec: MatVec, like: PyTree, key: jax.Array, *,
-                     num_probes: int = 100, batch_size: int | None = None
+                     num_samples: int = 100, chunk_size: int | None = None,
+                     num_probes: int | None = None, batch_size: int | None = None
                      ) -> TraceEstimate:
     """Hutchinson's unbiased trace estimator ``tr A = E[z^T A z]``, Rademacher ``z``.
 
     For ``z`` with independent ``+-1`` entries, ``E[z z^T] = I``, so ``z^T A z`` is unbiased
     for ``tr A`` with variance ``2 sum_{i != j} A_ij^2`` (Hutchinson, 1989). The estimate
-    is the mean over ``num_probes`` probes and comes with its standard error.
+    is the mean over ``num_samples`` probes and comes with its standard error.
 
     Args:
       matvec: ``v -> A v`` on pytrees shaped like ``like``.
       like: a pytree giving the shapes and dtypes of the probes.
       key: PRNG key for the probes.
-      num_probes: number of probes (at least 2, for the standard error).
-      batch_size: probes evaluated together (``lax.map`` batch size; ``None`` = one at a
+      num_samples: number of probes (at least 2, for the standard error).
+      chunk_size: probes evaluated together (``lax.map`` batch size; ``None`` = one at a
         time, the least memory).
+      num_probes, batch_size: deprecated aliases of ``num_samples`` and ``chunk_size``.
 
     Returns:
       A :class:`TraceEstimate`.
     """
-    if num_probes < 2:
-        raise ValueError(f"num_probes must be at least 2 (for a standard error), "
-                         f"got {num_probes}")
+    num_samples = _checks.renamed(num_probes, "num_probes", num_samples, "num_samples", 100)
+    chunk_size = _checks.renamed(batch_size, "batch_size", chunk_size, "chunk_size", None)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
+            or num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2 (for a standard error), "
+                         f"got {num_samples!r}")
+    chunk_size = _checks.positive_int(chunk_size, "chunk_size", allow_none=True)
 
     def rademacher(k, shape, dtype):
         return jax.random.rademacher(k, shape, dtype=dtype)
@@ -255,16 +226,24 @@ def hutchinson_trace(matvec: MatVec, like: PyTree, key: jax.Array, *,
         z = _random_like(k, like, rademacher)
         return tree_lib.vdot(z, matvec(z))
 
-    samples = jax.lax.map(quad, jax.random.split(key, num_probes), batch_size=batch_size)
+    samples = jax.lax.map(quad, jax.random.split(key, num_samples), batch_size=chunk_size)
     return TraceEstimate(estimate=jnp.mean(samples),
-                         stderr=jnp.std(samples, ddof=1) / jnp.sqrt(num_probes),
+                         stderr=jnp.std(samples, ddof=1) / jnp.sqrt(num_samples),
                          samples=samples)
 
 
 def hessian_trace(loss_fn: LossFn, params: PyTree, data: PyTree, key: jax.Array, *,
-                  num_probes: int = 100, batch_size: int | None = None,
-                  microbatch_size: int | None = None) -> TraceEstimate:
-    """``tr H`` of the mean loss's Hessian at ``params`` by Hutchinson's estimator on HVPs."""
+                  num_samples: int = 100, chunk_size: int | None = None,
+                  microbatch_size: int | None = None, num_probes: int | None = None,
+                  batch_size: int | None = None) -> TraceEstimate:
+    """``tr H`` of the mean loss's Hessian at ``params`` by Hutchinson's estimator on HVPs.
+
+    ``num_samples`` probes, ``chunk_size`` of them at a time (:func:`hutchinson_trace`);
+    ``microbatch_size`` splits each HVP over examples. ``num_probes`` / ``batch_size`` are
+    deprecated aliases of ``num_samples`` / ``chunk_size``.
+    """
+    num_samples = _checks.renamed(num_probes, "num_probes", num_samples, "num_samples", 100)
+    chunk_size = _checks.renamed(batch_size, "batch_size", chunk_size, "chunk_size", None)
     return hutchinson_trace(hessian_matvec(loss_fn, params, data,
                                            microbatch_size=microbatch_size),
-                            params, key, num_probes=num_probes, batch_size=batch_size)
+                            params, key, num_samples=num_samples, chunk_size=chunk_size)

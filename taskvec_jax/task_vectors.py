@@ -19,9 +19,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from taskvec_jax import _checks
 from taskvec_jax import tree as tree_lib
 
 PyTree = Any
+
+__all__ = ["apply", "check_compatible", "check_task_vectors", "task_vector"]
 
 
 def _describe(x: Any) -> str:
@@ -122,24 +125,25 @@ def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
                         finetuned, base)
 
 
-def apply(base: PyTree, tau: PyTree, alpha: float | jax.Array = 1.0) -> PyTree:
-    """Returns ``base + alpha * tau``.
+def apply(base: PyTree, task_vector: PyTree, alpha: float | jax.Array = 1.0) -> PyTree:
+    """Returns ``base + alpha * task_vector``.
 
-    ``tau`` may be a single task vector or any combination of them (a sum, a merge).
-    Where ``tau`` holds ``None`` (a non-float leaf of the model), the base value is kept.
+    ``task_vector`` may be a single task vector or any combination of them (a sum, a
+    merge). Where it holds ``None`` (a non-float leaf of the model), the base value is
+    kept.
     The result has the dtypes of ``base``.
 
     Raises:
       ValueError: on a structure, shape or dtype mismatch, naming the leaf path.
     """
-    check_compatible(tau, base, name="task vector", reference_name="base")
+    check_compatible(task_vector, base, name="task vector", reference_name="base")
 
     def add_leaf(t, b):
         if t is None:
             return b
         return (b + alpha * t).astype(jnp.result_type(b))
 
-    return jax.tree.map(add_leaf, tau, base, is_leaf=lambda x: x is None)
+    return jax.tree.map(add_leaf, task_vector, base, is_leaf=lambda x: x is None)
 
 
 def check_task_vectors(task_vectors: Sequence[PyTree], base: PyTree | None = None,
@@ -149,11 +153,8 @@ def check_task_vectors(task_vectors: Sequence[PyTree], base: PyTree | None = Non
     Raises:
       ValueError: on an empty sequence, or naming the task index and leaf path.
     """
-    if isinstance(task_vectors, dict) or not isinstance(task_vectors, Sequence):
-        raise ValueError(f"expected a sequence of {name}s, got {type(task_vectors).__name__}")
-    if len(task_vectors) == 0:
-        raise ValueError(f"expected at least one {name}, got an empty sequence")
+    task_vectors = _checks.non_empty_sequence(task_vectors, "task_vectors", item=name)
     reference = base if base is not None else task_vectors[0]
     ref_name = "base" if base is not None else f"{name} 0"
-    for i, tau in enumerate(task_vectors):
-        check_compatible(tau, reference, name=f"{name} {i}", reference_name=ref_name)
+    for i, tv in enumerate(task_vectors):
+        check_compatible(tv, reference, name=f"{name} {i}", reference_name=ref_name)

@@ -8,6 +8,7 @@ import pytest
 
 import taskvec_jax as tvj
 from taskvec_jax import checkpoint
+from taskvec_jax.training import resumable
 from taskvec_jax.models import MLP, make_loss_fn
 from tests.helpers import digits, init, max_abs_diff
 
@@ -63,22 +64,22 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, mode):
     key = jax.random.key(4)
     straight = tvj.finetune(loss_fn, params, data, opt, 6, key=key, **kw)
     # "interrupted" after epoch 4: the run directory holds epochs 2 and 4 ...
-    state, _ = checkpoint.resumable_finetune(loss_fn, params, data, opt, 4, tmp_path / "run",
-                                             save_every=2, key=key, **kw)
+    state, _ = resumable.resumable_finetune(loss_fn, params, data, opt, 4, tmp_path / "run",
+                                           save_every=2, key=key, **kw)
     assert state.epoch == 4
     # ... and a fresh call picks up from epoch 4 and finishes
-    state, losses = checkpoint.resumable_finetune(loss_fn, params, data, opt, 6,
-                                                  tmp_path / "run", save_every=2, key=key,
-                                                  **kw)
+    state, losses = resumable.resumable_finetune(loss_fn, params, data, opt, 6,
+                                                 tmp_path / "run", save_every=2, key=key,
+                                                 **kw)
     assert state.epoch == 6
     assert max_abs_diff(state.params, straight.final_params) == 0.0
     np.testing.assert_array_equal(losses, straight.losses)
     with pytest.raises(ValueError, match="different PRNG key"):
-        checkpoint.resumable_finetune(loss_fn, params, data, opt, 8, tmp_path / "run",
-                                      save_every=2, key=jax.random.key(5), **kw)
+        resumable.resumable_finetune(loss_fn, params, data, opt, 8, tmp_path / "run",
+                                     save_every=2, key=jax.random.key(5), **kw)
     with pytest.raises(ValueError, match="beyond num_epochs=3"):
-        checkpoint.resumable_finetune(loss_fn, params, data, opt, 3, tmp_path / "run",
-                                      save_every=2, key=key, **kw)
+        resumable.resumable_finetune(loss_fn, params, data, opt, 3, tmp_path / "run",
+                                     save_every=2, key=key, **kw)
 
 
 def test_resume_via_finetune_start_epoch_matches():

@@ -209,7 +209,7 @@ def test_trajectory_curvature_measures_the_true_norms():
     loss_fn, params = _model("tanh", features=(3, 3), dim=3)
     tasks = _tasks(2, n=5, dim=3, classes=3)
     curv = theory.trajectory_curvature(loss_fn, params, tasks, 0.3, 0.8, 2,
-                                       jax.random.key(0), tol=1e-13, max_iters=5000)
+                                       jax.random.key(0), tol=1e-13, max_steps=5000)
     assert curv.grad_norms.shape == (3, 2) and bool(curv.converged.all())
     _, unravel = tree.ravel(params)
     grad_fn = jax.jit(jax.grad(lambda x, d: loss_fn(unravel(x), d)))

@@ -217,7 +217,7 @@ def _measure(params, data, lr, alpha, key):
     tasks = [jax.tree.map(lambda a, t=t: a[t], data) for t in range(TMAX)]
     c = theory.second_order_term(padded_loss, params, tasks, lr, alpha, K, all_epochs=True)
     curv = theory.trajectory_curvature(padded_loss, params, tasks, lr, alpha, K, key,
-                                       tol=1e-7, max_iters=200)
+                                       tol=1e-7, max_steps=200)
     widths = data["cfg"][0, 0, 3:]
     idx = jnp.arange(WMAX)
     masked = {f"Dense_{l}": {
@@ -321,7 +321,7 @@ def _linear_counterexample(num_tasks, alpha, k, lr=1e-3):
     tasks = [{"image": jnp.array([[1.0]]), "label": jnp.array([[0.0]])}] * num_tasks
     c = float(tree.norm(theory.second_order_term(loss_fn, params, tasks, lr, alpha, k)))
     curv = theory.trajectory_curvature(loss_fn, params, tasks, lr, alpha, k,
-                                       jax.random.key(0), tol=1e-14, max_iters=1000)
+                                       jax.random.key(0), tol=1e-14, max_steps=1000)
     g_sup = float(curv.grad_norms[:k].max())
     h_sup = float(curv.hessian_norms[:k].max())
     w, b = theory.mlp_weight_norms(curv.params)

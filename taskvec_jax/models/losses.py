@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from taskvec_jax.finetune import num_examples
+from taskvec_jax._checks import num_examples
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]

@@ -1,12 +1,279 @@
-"""Finetuning engine (transitional shim: the redesign moves finetune.py and parallel.py here)."""
+"""Finetuning as scanned gradient descent over any parameter pytree.
 
-from taskvec_jax.finetune import (  # noqa: F401
-    Trajectory,
-    finetune,
-    finetune_tasks,
-    mean_value_and_grad,
-    multitask_finetune,
-)
+The paper's objects are trajectories of (full-batch) gradient descent:
+``theta^(e+1) = theta^(e) - eta * grad L(theta^(e))``, and the task vector after ``k``
+epochs is ``tau^(k) = theta^(k) - theta^(0)``. This package runs such trajectories as one
+compiled program (``training/_engine.py``: an outer ``lax.scan`` over epochs, an inner
+``lax.scan`` over steps or over microbatches of the full batch), for any
+``loss_fn(params, batch) -> scalar mean loss`` and any optax ``GradientTransformation``.
 
-__all__ = ["Trajectory", "finetune", "finetune_tasks", "mean_value_and_grad",
-           "multitask_finetune"]
+Modules: :mod:`~taskvec_jax.training.microbatch` (the one microbatched mean),
+:mod:`~taskvec_jax.training.sharded` (the ``(tasks, data)`` mesh, sharded drivers,
+multi-host helpers), :mod:`~taskvec_jax.training.resumable` (checkpointed, resumable runs).
+
+Conventions (shared by :func:`finetune`, :func:`finetune_tasks`, :func:`multitask_finetune`):
+
+* ``data`` is a pytree of arrays whose leading axis is the example axis (``N`` examples).
+* Full batch (``batch_size=None``): exactly one optimizer step per epoch, on the gradient of
+  the mean loss over all ``N`` examples. ``microbatch_size=m`` computes that same gradient
+  in chunks of ``m`` inside a ``lax.scan``; when ``m`` does not divide ``N`` the last,
+  smaller chunk is weighted by its size, so the result equals the unsplit gradient.
+* Minibatch (``batch_size=B``): every epoch draws a fresh permutation from
+  ``jax.random.fold_in(key, epoch)`` (``epoch`` counted from 1, absolute across resumes)
+  and takes ``N // B`` steps of ``B`` examples. If ``B`` does not divide ``N``, the
+  ``N % B`` leftover examples form one smaller final step, so every example is used
+  exactly once per epoch; ``drop_remainder=True`` skips that step instead.
+* ``Trajectory.losses[e-1]`` is the training loss of epoch ``e``: for full batch the mean
+  loss at ``theta^(e-1)`` (where the epoch's gradient is taken), for minibatches the mean
+  of the step losses.
+* ``Trajectory.epoch_gradients[e-1]`` is the sum of the gradients of epoch ``e``'s steps
+  (for full batch, the one gradient), the quantity the paper's gradient analysis uses.
+
+Compilation: the program is cached on (``loss_fn``, ``optimizer``, shapes, configuration),
+so calling again with the same objects and shapes does not retrace, and the number of
+traces does not grow with the number of epochs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from taskvec_jax import _checks
+from taskvec_jax import tree as tree_lib
+from taskvec_jax.training import _engine, microbatch, sharded
+from taskvec_jax.training._engine import Trajectory
+from taskvec_jax.training.microbatch import mean_value_and_grad
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+__all__ = ["Trajectory", "finetune", "finetune_tasks", "mean_value_and_grad", "microbatch",
+           "multitask_finetune", "sharded"]
+
+
+def finetune(
+    loss_fn: LossFn,
+    params: PyTree,
+    data: PyTree,
+    optimizer: optax.GradientTransformation,
+    num_epochs: int,
+    *,
+    batch_size: int | None = None,
+    microbatch_size: int | None = None,
+    key: jax.Array | None = None,
+    drop_remainder: bool = False,
+    keep_epochs: Sequence[int] | None = None,
+    record_gradients: bool = True,
+    opt_state: Any = None,
+    start_epoch: int = 0,
+    progress: bool | int = False,
+) -> Trajectory:
+    """Finetunes ``params`` on ``data`` for ``num_epochs`` epochs of (S)GD; one compiled scan.
+
+    Full batch (``batch_size=None``) performs ``theta^(e) = theta^(e-1) + u(grad L(theta^(e-1)))``
+    with ``u`` the optimizer's update; with ``optax.sgd(eta)`` this is
+    ``theta^(e) = theta^(e-1) - eta * grad L(theta^(e-1))``, the paper's setting.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the MEAN loss over the batch.
+      params: the starting parameters (any pytree of float arrays).
+      data: pytree of arrays, leading axis = examples.
+      optimizer: any optax ``GradientTransformation``.
+      num_epochs: number of epochs (>= 1).
+      batch_size: ``None`` for full-batch GD (one step per epoch), else the minibatch size.
+      microbatch_size: compute each gradient in chunks of this many examples (memory only:
+        the gradient is the same).
+      key: PRNG key for shuffling (required with ``batch_size``). Epoch ``e`` uses
+        ``jax.random.fold_in(key, e)``.
+      drop_remainder: in minibatch mode, skip the ``N % B`` leftover examples each epoch.
+      keep_epochs: which epochs (0..num_epochs, relative to this call) to keep in
+        ``Trajectory.params``; ``None`` keeps all. The last epoch is always kept. Memory:
+        ``len(keep_epochs)`` model copies.
+      record_gradients: store every epoch's summed gradient (``num_epochs`` model copies).
+      opt_state: resume from this optimizer state (default: ``optimizer.init(params)``).
+      start_epoch: absolute index of the epoch ``params`` comes from, when resuming; it
+        offsets shuffling keys and ``Trajectory.epochs`` so that a resumed run equals the
+        uninterrupted one bit for bit.
+      progress: print ``epoch, loss`` every ``progress`` epochs (``True`` = every epoch)
+        from inside the compiled program; ``False`` adds nothing to it.
+
+    Returns:
+      A :class:`Trajectory`.
+
+    Raises:
+      ValueError: for non-float params, empty or inconsistent data, non-positive epochs or
+        sizes, ``batch_size > N``, a missing key in minibatch mode, or a non-scalar loss.
+    """
+    _checks.float_dtype(params, why="finetuning differentiates every leaf")
+    n = _checks.num_examples(data)
+    cfg = _engine.make_config(
+        loss_fn, optimizer, num_epochs, batch_size=batch_size,
+        microbatch_size=microbatch_size, drop_remainder=drop_remainder,
+        keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
+        key=key, sizes=[n], names=["data"])
+    _engine.check_inputs(loss_fn, params, [data], cfg, ["data"])
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    buffer, losses, grads, opt_state = _engine.run_jit(
+        params, opt_state, (data,), None, key, jnp.asarray(start_epoch), cfg)
+    return Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs, start_epoch),
+                      losses, grads, opt_state)
+
+
+def finetune_tasks(
+    loss_fn: LossFn,
+    params: PyTree,
+    task_datasets: Sequence[PyTree],
+    optimizer: optax.GradientTransformation,
+    num_epochs: int,
+    *,
+    batch_size: int | None = None,
+    microbatch_size: int | None = None,
+    key: jax.Array | None = None,
+    drop_remainder: bool = False,
+    keep_epochs: Sequence[int] | None = None,
+    record_gradients: bool = True,
+    opt_state: Any = None,
+    start_epoch: int = 0,
+    progress: bool | int = False,
+    mesh: Any = None,
+) -> list[Trajectory]:
+    """Finetunes the same ``params`` separately on each task; one trajectory per task.
+
+    Tasks whose data have the same tree structure, shapes and dtypes run together as one
+    ``vmap``-ed compiled program; the others run one by one. Task ``t`` shuffles with
+    ``jax.random.fold_in(key, t)``, so the result equals
+    ``finetune(..., task_datasets[t], ..., key=jax.random.fold_in(key, t))``.
+    Memory: a group of ``G`` vmapped tasks holds ``G`` copies of everything one run holds
+    (and one stacked copy of the group's data).
+
+    Args:
+      loss_fn, params, optimizer, num_epochs: as in :func:`finetune`.
+      task_datasets: a sequence of datasets, one per task.
+      batch_size, microbatch_size, key, drop_remainder, keep_epochs, record_gradients,
+        opt_state, start_epoch, progress: as in :func:`finetune` (``key`` is folded with
+        the task index).
+      mesh: a ``(tasks, data)`` mesh from :func:`taskvec_jax.training.sharded.make_mesh`:
+        tasks are spread over ``tasks`` (padded to a multiple of its size) and each
+        full-batch gradient is split over ``data``. All tasks must then share data shapes.
+
+    Returns:
+      A list of :class:`Trajectory`, in task order.
+    """
+    options = dict(batch_size=batch_size, microbatch_size=microbatch_size, key=key,
+                   drop_remainder=drop_remainder, keep_epochs=keep_epochs,
+                   record_gradients=record_gradients, opt_state=opt_state,
+                   start_epoch=start_epoch, progress=progress)
+    if mesh is not None:
+        return sharded.finetune_tasks_sharded(loss_fn, params, task_datasets, optimizer,
+                                              num_epochs, mesh, **options)
+    datasets = _checks.task_datasets(task_datasets)
+    _checks.float_dtype(params, why="finetuning differentiates every leaf")
+    names = [f"task {t}" for t in range(len(datasets))]
+    sizes = [_checks.num_examples(d, name=name) for d, name in zip(datasets, names)]
+    cfg = _engine.make_config(
+        loss_fn, optimizer, num_epochs, batch_size=batch_size,
+        microbatch_size=microbatch_size, drop_remainder=drop_remainder,
+        keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
+        key=key, sizes=sizes, names=names)
+    groups = sharded.group_by_signature(datasets)
+    # same shapes, same loss shape: check one task per group
+    _engine.check_inputs(loss_fn, params, [datasets[g[0]] for g in groups], cfg,
+                         [names[g[0]] for g in groups])
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    epochs = _engine.kept_epochs(keep_epochs, num_epochs, start_epoch)
+    start = jnp.asarray(start_epoch)
+    out: list[Trajectory | None] = [None] * len(datasets)
+    for members in groups:
+        keys = None if key is None else jnp.stack(
+            [jax.random.fold_in(key, t) for t in members])
+        if len(members) == 1:
+            t = members[0]
+            res = _engine.run_jit(params, opt_state, (datasets[t],), None,
+                                  None if keys is None else keys[0], start, cfg)
+            out[t] = Trajectory(res[0], epochs, res[1], res[2], res[3])
+            continue
+        stacked = tree_lib.stack([datasets[t] for t in members])
+        res = _engine.run_many(params, opt_state, (stacked,), None, keys, start, cfg)
+        for t, (buffer, losses, grads, state) in zip(
+                members, _engine.split_leading(res, len(members))):
+            out[t] = Trajectory(buffer, epochs, losses, grads, state)
+    return out  # type: ignore[return-value]
+
+
+def multitask_finetune(
+    loss_fn: LossFn,
+    params: PyTree,
+    task_datasets: Sequence[PyTree],
+    optimizer: optax.GradientTransformation,
+    num_epochs: int,
+    *,
+    weights: Sequence[float] | jax.Array | None = None,
+    batch_size: int | None = None,
+    microbatch_size: int | None = None,
+    key: jax.Array | None = None,
+    drop_remainder: bool = False,
+    keep_epochs: Sequence[int] | None = None,
+    record_gradients: bool = True,
+    opt_state: Any = None,
+    start_epoch: int = 0,
+    progress: bool | int = False,
+    mesh: Any = None,
+) -> Trajectory:
+    """Gradient descent on the multitask loss ``L_MT = sum_t w_t L_t`` (``w_t = 1`` default).
+
+    Each ``L_t`` is the mean loss over task ``t``'s own data, so tasks of different sizes
+    count equally. Full batch: one optimizer step per epoch on ``grad L_MT``. Minibatch:
+    each step takes ``batch_size`` examples from every task (``max_t N_t // B`` steps per
+    epoch; smaller tasks cycle through their own permutation).
+
+    The paper's Theorem 1 compares task arithmetic with coefficient ``alpha`` and step
+    ``eta`` to this run with ``optax.sgd(alpha * eta)``.
+
+    Args:
+      loss_fn, params, optimizer, num_epochs: as in :func:`finetune`.
+      task_datasets: a sequence of datasets, one per task (shapes may differ).
+      weights: optional per-task weights ``w_t``.
+      batch_size, microbatch_size, key, drop_remainder, keep_epochs, record_gradients,
+        opt_state, start_epoch, progress: as in :func:`finetune`.
+      mesh: a ``(tasks, data)`` mesh (full batch only): each device computes its tasks'
+        gradients on its share of the examples, and ``psum`` assembles ``grad L_MT``.
+
+    Returns:
+      A :class:`Trajectory`.
+    """
+    if mesh is not None:
+        # Sharded multitask is full batch (multitask_stacked rejects batch_size), which
+        # never shuffles: `key` has nothing to do there.
+        return sharded.multitask_sharded(
+            loss_fn, params, task_datasets, optimizer, num_epochs, mesh, weights=weights,
+            batch_size=batch_size, microbatch_size=microbatch_size,
+            drop_remainder=drop_remainder, keep_epochs=keep_epochs,
+            record_gradients=record_gradients, opt_state=opt_state,
+            start_epoch=start_epoch, progress=progress)
+    datasets = _checks.task_datasets(task_datasets)
+    _checks.float_dtype(params, why="finetuning differentiates every leaf")
+    names = [f"task {t}" for t in range(len(datasets))]
+    sizes = [_checks.num_examples(d, name=name) for d, name in zip(datasets, names)]
+    if weights is not None:
+        weights = jnp.asarray(weights)
+        if weights.shape != (len(datasets),):
+            raise ValueError(f"weights must have one entry per task ({len(datasets)}),"
+                             f" got shape {weights.shape}")
+    cfg = _engine.make_config(
+        loss_fn, optimizer, num_epochs, batch_size=batch_size,
+        microbatch_size=microbatch_size, drop_remainder=drop_remainder,
+        keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
+        key=key, sizes=sizes, names=names)
+    _engine.check_inputs(loss_fn, params, datasets, cfg, names)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    buffer, losses, grads, opt_state = _engine.run_jit(
+        params, opt_state, datasets, weights, key, jnp.asarray(start_epoch), cfg)
+    return Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs, start_epoch),
+                      losses, grads, opt_state)

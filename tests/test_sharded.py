@@ -1,4 +1,10 @@
-"""Sharded runs equal single-device runs (8 fake CPU devices, set in conftest.py)."""
+"""Sharded runs equal single-device runs, on 8 fake CPU devices.
+
+This file runs in its own process with ``TVJ_TEST_DEVICES=8`` (conftest.py sets
+XLA_FLAGS from it before JAX initializes); the default test run launches that process from
+tests/test_sharded_subprocess.py. Run it alone with
+``TVJ_TEST_DEVICES=8 python -m pytest tests/test_sharded.py``.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,13 +14,15 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import taskvec_jax as tvj
-from taskvec_jax import checkpoint, parallel
+from taskvec_jax import checkpoint
+from taskvec_jax.training import sharded
 from taskvec_jax.models import MLP, make_loss_fn
 from tests.helpers import digits, init, max_abs_diff
 
 
 def test_eight_fake_devices_are_present():
-    assert len(jax.devices()) == 8, "conftest must set XLA_FLAGS before jax initializes"
+    assert len(jax.devices()) == 8, ("run with TVJ_TEST_DEVICES=8: conftest sets XLA_FLAGS "
+                                     "before jax initializes")
 
 
 def _setup(num_tasks, n=61):
@@ -28,11 +36,11 @@ def _setup(num_tasks, n=61):
 @pytest.mark.parametrize("shape", [(8, 1), (4, 2)], ids=["8x1", "4x2"])
 def test_sharded_finetune_tasks_equals_single_device(num_tasks, shape):
     loss_fn, params, tasks = _setup(num_tasks)
-    mesh = parallel.make_mesh(*shape)
-    sharded = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3, mesh=mesh)
+    mesh = sharded.make_mesh(*shape)
+    on_mesh = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3, mesh=mesh)
     single = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3)
-    assert len(sharded) == num_tasks
-    for a, b in zip(sharded, single):
+    assert len(on_mesh) == num_tasks
+    for a, b in zip(on_mesh, single):
         assert max_abs_diff(a.params, b.params) <= 1e-12
         assert max_abs_diff(a.epoch_gradients, b.epoch_gradients) <= 1e-12
         np.testing.assert_allclose(a.losses, b.losses, rtol=1e-12)
@@ -40,13 +48,13 @@ def test_sharded_finetune_tasks_equals_single_device(num_tasks, shape):
 
 def test_sharded_minibatch_finetune_tasks_equals_single_device():
     loss_fn, params, tasks = _setup(5)
-    mesh = parallel.make_mesh(4, 2)
+    mesh = sharded.make_mesh(4, 2)
     key = jax.random.key(2)
-    sharded = tvj.finetune_tasks(loss_fn, params, tasks, optax.adam(1e-2), 2, mesh=mesh,
+    on_mesh = tvj.finetune_tasks(loss_fn, params, tasks, optax.adam(1e-2), 2, mesh=mesh,
                                  batch_size=8, key=key)
     single = tvj.finetune_tasks(loss_fn, params, tasks, optax.adam(1e-2), 2, batch_size=8,
                                 key=key)
-    for a, b in zip(sharded, single):
+    for a, b in zip(on_mesh, single):
         assert max_abs_diff(a.params, b.params) <= 1e-12
 
 
@@ -54,7 +62,7 @@ def test_sharded_minibatch_finetune_tasks_equals_single_device():
 def test_data_parallel_gradient_equals_unsharded(n):
     # One task, all 8 devices on the data axis; N = 61 and 5 are not multiples of 8.
     loss_fn, params, tasks = _setup(1, n)
-    mesh = parallel.make_mesh(1, 8)
+    mesh = sharded.make_mesh(1, 8)
     lr = 0.5
     (traj,) = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(lr), 1, mesh=mesh)
     grad = jax.grad(loss_fn)(params, tasks[0])
@@ -66,13 +74,13 @@ def test_data_parallel_gradient_equals_unsharded(n):
 @pytest.mark.parametrize("shape", [(8, 1), (2, 4)], ids=["8x1", "2x4"])
 def test_sharded_multitask_equals_single_device(shape):
     loss_fn, params, tasks = _setup(5)
-    mesh = parallel.make_mesh(*shape)
+    mesh = sharded.make_mesh(*shape)
     w = jnp.array([1.0, 0.5, 2.0, 1.0, 0.25])
-    sharded = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.2), 3, mesh=mesh,
+    on_mesh = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.2), 3, mesh=mesh,
                                      weights=w)
     single = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.2), 3, weights=w)
-    assert max_abs_diff(sharded.params, single.params) <= 1e-12
-    np.testing.assert_allclose(sharded.losses, single.losses, rtol=1e-12)
+    assert max_abs_diff(on_mesh.params, single.params) <= 1e-12
+    np.testing.assert_allclose(on_mesh.losses, single.losses, rtol=1e-12)
 
 
 def test_sharded_program_compiles_once():
@@ -87,7 +95,7 @@ def test_sharded_program_compiles_once():
 
     tasks = [jax.tree.map(lambda x: x[i * 20:(i + 1) * 20], base) for i in range(8)]
     params = init(model, base)
-    mesh = parallel.make_mesh(4, 2)
+    mesh = sharded.make_mesh(4, 2)
     opt = optax.sgd(0.1)
     tvj.finetune_tasks(loss_fn, params, tasks, opt, 30, mesh=mesh)
     first = len(traces)
@@ -97,7 +105,7 @@ def test_sharded_program_compiles_once():
 
 
 def test_sharded_arrays_roundtrip_through_orbax_with_their_sharding(tmp_path):
-    mesh = parallel.make_mesh(4, 2)
+    mesh = sharded.make_mesh(4, 2)
     sharding = NamedSharding(mesh, P("tasks", "data"))
     x = jax.device_put(jnp.arange(8 * 6, dtype=jnp.float64).reshape(8, 6), sharding)
     tree = {"w": x, "b": jax.device_put(jnp.ones(4), NamedSharding(mesh, P("tasks")))}
@@ -108,8 +116,8 @@ def test_sharded_arrays_roundtrip_through_orbax_with_their_sharding(tmp_path):
     np.testing.assert_array_equal(back["w"], x)
     # and the stacked output of a sharded finetune
     loss_fn, params, tasks = _setup(8, 16)
-    stacked, _ = parallel.stack_tasks(tasks, 4)
-    traj = parallel.finetune_stacked(loss_fn, params, stacked, optax.sgd(0.1), 2, mesh)
+    stacked, _ = sharded.stack_tasks(tasks, 4)
+    traj = sharded.finetune_stacked(loss_fn, params, stacked, optax.sgd(0.1), 2, mesh)
     path = checkpoint.save(tmp_path / "traj", traj.params)
     back = checkpoint.restore(path, like=traj.params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(traj.params)):
@@ -118,10 +126,10 @@ def test_sharded_arrays_roundtrip_through_orbax_with_their_sharding(tmp_path):
 
 
 def test_process_local_assembly_single_process():
-    mesh = parallel.make_mesh(4, 2)
-    assert parallel.process_task_indices(mesh, 6) == list(range(8))  # 6 padded to 8
+    mesh = sharded.make_mesh(4, 2)
+    assert sharded.process_task_indices(mesh, 6) == list(range(8))  # 6 padded to 8
     local = {"x": np.arange(8 * 3.0).reshape(8, 3)}
-    glob = parallel.global_task_array(mesh, local, 8)
+    glob = sharded.global_task_array(mesh, local, 8)
     np.testing.assert_array_equal(glob["x"], local["x"])
     assert glob["x"].sharding.spec == P("tasks")
 
@@ -129,23 +137,23 @@ def test_process_local_assembly_single_process():
 def test_mesh_and_shape_errors():
     loss_fn, params, tasks = _setup(2)
     with pytest.raises(ValueError, match="needs 16 devices; only 8"):
-        parallel.make_mesh(8, 2)
+        sharded.make_mesh(8, 2)
     with pytest.raises(ValueError, match="task 1 has"):
         tvj.finetune_tasks(loss_fn, params, [tasks[0], jax.tree.map(lambda x: x[:7],
                                                                     tasks[1])],
-                           optax.sgd(0.1), 1, mesh=parallel.make_mesh(2, 1))
+                           optax.sgd(0.1), 1, mesh=sharded.make_mesh(2, 1))
     bad = jax.make_mesh((8,), ("devices",))
     with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with axes"):
         tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.1), 1, mesh=bad)
     with pytest.raises(ValueError, match="minibatch multitask runs without a mesh"):
         tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.1), 1, batch_size=4,
-                               key=jax.random.key(0), mesh=parallel.make_mesh(2, 1))
+                               key=jax.random.key(0), mesh=sharded.make_mesh(2, 1))
 
 
 @pytest.mark.parametrize("num_tasks,shape", [(5, (4, 2)), (8, (8, 1))], ids=["5on4x2", "8on8x1"])
 def test_sharded_theory_equals_unsharded(num_tasks, shape):
     loss_fn, params, tasks = _setup(num_tasks)
-    mesh = parallel.make_mesh(*shape)
+    mesh = sharded.make_mesh(*shape)
     a = tvj.theory.second_order_term(loss_fn, params, tasks, 0.01, 0.5, 4, all_epochs=True,
                                      mesh=mesh)
     b = tvj.theory.second_order_term(loss_fn, params, tasks, 0.01, 0.5, 4, all_epochs=True)
@@ -156,11 +164,10 @@ def test_sharded_theory_equals_unsharded(num_tasks, shape):
 
 
 def test_sharded_second_order_term_really_spans_the_devices():
-    from taskvec_jax import hessian, theory
     loss_fn, params, tasks = _setup(4)
-    mesh = parallel.make_mesh(4, 2)
-    lowered = theory._second_order.lower(loss_fn, params, tuple(tasks), 0.01, 0.5, 3,
-                                         "current", None, hessian.hvp, mesh)
+    mesh = sharded.make_mesh(4, 2)
+    lowered = jax.jit(lambda p: tvj.theory.second_order_term(
+        loss_fn, p, tasks, 0.01, 0.5, 3, mesh=mesh)).lower(params)
     text = lowered.compile().as_text()
     assert "all-reduce" in text  # per-task means reduced across the data axis
     assert "num_partitions=8" in text
@@ -168,7 +175,7 @@ def test_sharded_second_order_term_really_spans_the_devices():
 
 def test_atm_accepts_a_mesh_and_gives_the_same_rounds():
     loss_fn, params, tasks = _setup(5)
-    mesh = parallel.make_mesh(4, 2)
+    mesh = sharded.make_mesh(4, 2)
     a = tvj.merging.atm(loss_fn, params, tasks, optax.sgd(0.2), 3, mesh=mesh)
     b = tvj.merging.atm(loss_fn, params, tasks, optax.sgd(0.2), 3)
     assert max_abs_diff(a.params, b.params) <= 1e-12
