@@ -2,53 +2,40 @@
 
     python -m experiments.reproduce                      # embedded offline suite (default)
     python -m experiments.reproduce --quick              # smaller, < 2 minutes
-    python -m experiments.reproduce --config vision8 --workdir results/vision8
+    python -m experiments.reproduce --config=experiments/configs/reproduce.py:quick  # the same
+    python -m experiments.reproduce --config=experiments/configs/reproduce.py:vision8 \
+        --workdir=results/vision8 --config.data.data_dir=/data/tfds
+    python -m experiments.reproduce --config.finetune.minibatch_epochs=8
 
 Writes ``<workdir>/report.md`` (tables, figures, one paragraph per finding),
-``results.json``, ``config.json``, ``figures/*.png`` and ``checkpoints/``. The logic lives
-in ``experiments/paper`` so notebooks can import it; configs in
-``experiments/configs/reproduce.py``.
+``results.json``, ``config.json``, ``figures/*.png`` and ``checkpoints/`` (default workdir:
+``results/<config name>``). Arguments: experiments/cli.py. Logic: experiments/paper/ (so
+notebooks can import it). Configs: experiments/configs/reproduce.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import Sequence
+
+from experiments import cli
+
+DEFAULT_CONFIG = cli.config_path("reproduce")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Reproduce arXiv 2508.16082's findings.")
-    parser.add_argument("--config", default=None, help="default, quick or vision8")
-    parser.add_argument("--quick", action="store_true", help="same as --config quick")
-    parser.add_argument("--workdir", default=None, help="default: results/<config>")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry, e.g. --set finetune.minibatch_epochs=8")
-    args = parser.parse_args(argv)
-    name = args.config or ("quick" if args.quick else "default")
-
-    import jax
-    jax.config.update("jax_enable_x64", True)  # the Theorem 1 table is computed in float64
-    from experiments.configs.reproduce import get_config
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses ``argv`` (``sys.argv[1:]`` when ``None``) and runs; returns the exit status
+    (2: the config's data is not on disk, with a message saying how to provide it)."""
+    args = cli.parse(argv, default_config=DEFAULT_CONFIG,
+                     description="Reproduce arXiv 2508.16082's findings.")
+    cli.enable_x64()   # the Theorem 1 table is computed in float64
     from experiments.paper.run import run
     from taskvec_jax.data import DataNotFoundError
 
-    config = get_config(name)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        import ast
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        node, *path = key.split(".")
-        target = config
-        for part in [node, *path][:-1]:
-            target = target[part]
-        target[[node, *path][-1]] = parsed
-    workdir = args.workdir or os.path.join("results", name)
+    workdir = args.workdir or os.path.join("results", args.config.name)
     try:
-        run(config, workdir)
+        run(args.config, workdir)
     except DataNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """Matplotlib figures shared by the experiments and notebooks.
 
-Every function draws on a new figure, saves it when ``path`` is given (PNG, 120 dpi) and
-returns the figure. Inputs are plain arrays and dicts, so the functions know nothing about
-how the numbers were produced.
+Every figure function draws on a new figure, saves it when ``path`` is given (PNG, 120
+dpi) and returns the figure. Inputs are plain arrays and dicts, so the functions know
+nothing about how the numbers were produced. :func:`pyplot` and :func:`save` are the two
+helpers for figures drawn elsewhere (experiments/paper/numerics/plots.py).
 """
 
 from __future__ import annotations
@@ -12,13 +13,25 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+__all__ = ["accuracy_curves", "contribution_bars", "cosine_heatmaps", "loglog_slopes",
+           "pca_paths", "pyplot", "save"]
 
-def _plt():
+
+def pyplot():
+    """``matplotlib.pyplot``, on the headless Agg backend unless ``MPLBACKEND`` names one
+    or this runs inside IPython/Jupyter (whose inline backend is kept)."""
     import matplotlib
     if os.environ.get("MPLBACKEND") is None and not _in_notebook():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save(fig, path: str, *, dpi: int = 120) -> str:
+    """Saves ``fig`` as ``path`` (PNG), creating its folder; returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
 
 
 def _in_notebook() -> bool:
@@ -32,8 +45,7 @@ def _in_notebook() -> bool:
 def _finish(fig, path: str | None):
     fig.tight_layout()
     if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=120)
+        save(fig, path)
     return fig
 
 
@@ -41,7 +53,7 @@ def loglog_slopes(x: Sequence[float], curves: Mapping[str, Sequence[float]], *,
                   xlabel: str = "learning rate", ylabel: str = "norm",
                   title: str = "", path: str | None = None):
     """``curves`` on log-log axes, each labelled with its fitted slope."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     x = np.asarray(x, float)
     for label, y in curves.items():
@@ -61,7 +73,7 @@ def contribution_bars(shares: Mapping[str, Sequence[float]], *, num_epochs: int 
                       title: str = "normalized contribution of each epoch",
                       path: str | None = None):
     """Grouped bars: each task's share of the path length in its first epochs."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(shares)
     width = 0.8 / max(len(names), 1)
@@ -79,7 +91,7 @@ def contribution_bars(shares: Mapping[str, Sequence[float]], *, num_epochs: int 
 def cosine_heatmaps(matrices: Mapping[str, np.ndarray], *, title: str = "",
                     path: str | None = None):
     """One heatmap per entry (e.g. per task), cosine between epoch gradients."""
-    plt = _plt()
+    plt = pyplot()
     n = len(matrices)
     cols = min(n, 4)
     rows = int(np.ceil(n / cols))
@@ -97,9 +109,8 @@ def cosine_heatmaps(matrices: Mapping[str, np.ndarray], *, title: str = "",
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
     fig.suptitle(title)
-    if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=120)
+    if path is not None:   # no tight_layout: it would fight the shared colorbar
+        save(fig, path)
     return fig
 
 
@@ -108,7 +119,7 @@ def accuracy_curves(x: Sequence[float], curves: Mapping[str, Sequence[float]], *
                     ylabel: str = "accuracy", title: str = "", logx: bool = True,
                     path: str | None = None):
     """Lines of accuracy against epochs/rounds, with horizontal reference lines."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, y in curves.items():
         ax.plot(x, y, "o-", label=label)
@@ -128,7 +139,7 @@ def pca_paths(paths: Mapping[str, np.ndarray], *, points: Mapping[str, np.ndarra
               = None, explained: Sequence[float] | None = None, title: str = "",
               path: str | None = None):
     """2-D paths (``[M, 2]`` each) and labelled points in a PCA plane."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     colors = plt.get_cmap("tab20" if len(paths) > 10 else "tab10")
     for i, (label, xy) in enumerate(paths.items()):

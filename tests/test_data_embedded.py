@@ -210,3 +210,25 @@ def test_split_prefixes_are_class_balanced():
         labels = data.load_task(task, "train", max_examples=300)["label"]
         counts = np.bincount(labels)
         assert counts.min() >= 0.5 * counts.mean(), (task, counts)
+
+
+def test_permuted_digits_tasks_are_deterministic_and_distinct():
+    a = data.permuted_digits_tasks(3, 50, seed=0)
+    b = data.permuted_digits_tasks(3, 50, seed=0)
+    for ta, tb in zip(a, b):
+        np.testing.assert_array_equal(ta["image"], tb["image"])
+        np.testing.assert_array_equal(ta["label"], tb["label"])
+    assert a[0]["image"].shape == (50, 64) and float(a[0]["image"].max()) <= 1.0
+    from sklearn.datasets import load_digits
+    raw = load_digits().data / 16.0
+    rows = {tuple(r): i for i, r in enumerate(raw)}
+    by_multiset = {tuple(np.sort(r)): i for i, r in enumerate(raw)}
+    # Task 0 shows raw digits; task 1 shows other digits through a pixel permutation.
+    task0 = {rows[tuple(np.asarray(r))] for r in a[0]["image"]}
+    assert not any(tuple(np.asarray(r)) in rows for r in a[1]["image"])
+    task1 = {by_multiset[tuple(np.sort(np.asarray(r)))] for r in a[1]["image"]}
+    assert len(task0) == 50 and not task0 & task1
+    assert set(np.unique(np.concatenate([t["label"] for t in a]))) == set(range(10))
+    assert a[0]["image"].dtype == np.float64 and a[0]["label"].dtype == np.int32
+    with pytest.raises(ValueError, match="exceed"):
+        data.permuted_digits_tasks(20, 100)

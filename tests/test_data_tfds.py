@@ -202,10 +202,16 @@ class TaskvecTestTinyShapes(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": image, "label": i % 5, "id": i}
 
 
+@pytest.fixture
+def tiny_shapes_task():
+    # Registered for this test only.
+    yield
+    if data.is_registered("tiny_shapes"):
+        data.unregister_task("tiny_shapes")
+
+
 def test_prepared_array_record_dataset_is_found_and_carved(tmp_path, no_network,
-                                                         monkeypatch):
-    # Register into a copy of the registry, so the task does not outlive this test.
-    monkeypatch.setattr(data.registry, "_REGISTRY", dict(data.registry._REGISTRY))
+                                                         tiny_shapes_task):
     spec = data.register_task(data.TaskSpec(
         "tiny_shapes", "tfds", 5, tfds_name="taskvec_test_tiny_shapes",
         splits=data.SplitPlan(test=None, validation_fraction=0.2, max_validation=None,
@@ -229,6 +235,10 @@ def test_prepared_array_record_dataset_is_found_and_carved(tmp_path, no_network,
     np.testing.assert_array_equal(again.positions, data.open_split(
         "tiny_shapes", "test", data_dir=tmp_path).positions)
     assert no_network == []
+    data.unregister_task("tiny_shapes")
+    assert not data.is_registered("tiny_shapes")
+    with pytest.raises(KeyError, match="unknown task 'tiny_shapes'"):
+        data.unregister_task("tiny_shapes")
 
 
 def test_stable_permutation_is_splitmix64_order():

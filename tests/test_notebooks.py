@@ -1,10 +1,13 @@
 """Every notebook executes top to bottom, headless, on the embedded suite (small sizes)."""
 
+import os
 import pathlib
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from tests.experiment_env import subprocess_env
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -21,11 +24,11 @@ def test_notebook_is_stripped_and_executes(path, tmp_path, monkeypatch):
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, \
                 f"{path.name}: outputs must be stripped in git"
-    monkeypatch.setenv("TASKVEC_NOTEBOOK_QUICK", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    # one device per kernel: the fake 8-device XLA flag of the test process is not needed
-    monkeypatch.setenv("XLA_FLAGS", "")
+    # one device per kernel (the fake 8-device XLA flag of the test process is not needed),
+    # Agg, and the compilation cache the experiment tests share
+    for name, value in subprocess_env(TASKVEC_NOTEBOOK_QUICK="1").items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError on any failing cell

@@ -2,14 +2,13 @@
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.experiment_env import ROOT, subprocess_env
 
 
 def _numbers(x):
@@ -26,7 +25,7 @@ def _numbers(x):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reproduce")
-    env = {**os.environ, "XLA_FLAGS": "", "MPLBACKEND": "Agg"}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--quick",
                            "--workdir", str(workdir)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -62,7 +61,7 @@ def test_report_tables_are_filled_with_finite_numbers(quick_run):
 
 def test_second_run_reuses_the_cached_base_model(quick_run):
     workdir, _ = quick_run
-    env = {**os.environ, "XLA_FLAGS": "", "MPLBACKEND": "Agg"}
+    env = subprocess_env()
     code = ("import sys; sys.argv=['x']; from experiments.configs.reproduce import get_config;"
             "from experiments.paper.setup import pretrain_base; import jax.numpy as jnp;"
             "from taskvec_jax import data;"
@@ -76,9 +75,10 @@ def test_second_run_reuses_the_cached_base_model(quick_run):
 
 
 def test_real_data_config_stops_with_a_clear_missing_data_error(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "", "TFDS_DATA_DIR": str(tmp_path / "tfds")}
-    proc = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--config",
-                           "vision8", "--workdir", str(tmp_path / "run")], cwd=ROOT, env=env,
+    env = subprocess_env(TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    proc = subprocess.run([sys.executable, "-m", "experiments.reproduce",
+                           "--config=experiments/configs/reproduce.py:vision8",
+                           "--workdir", str(tmp_path / "run")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "sun397" in proc.stderr and str(tmp_path / "tfds") in proc.stderr

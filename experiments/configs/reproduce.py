@@ -1,15 +1,20 @@
 """Configurations of the paper reproduction (experiments/reproduce.py).
 
     python -m experiments.reproduce                      # default: embedded suite, < 10 min on 2 CPU cores
-    python -m experiments.reproduce --config quick       # the same pipeline, smaller (< 2 min)
-    python -m experiments.reproduce --config vision8     # the paper's 8 datasets + a ViT (Colab TPU/GPU)
+    python -m experiments.reproduce --config=experiments/configs/reproduce.py:quick   # smaller (< 2 min)
+    python -m experiments.reproduce --quick              # the same as the line above
+    python -m experiments.reproduce --config=experiments/configs/reproduce.py:vision8 # the paper's 8 datasets + a ViT (Colab TPU/GPU)
 
-Each run is reproducible from its config alone (it is saved next to the results).
+Any entry can be overridden on the command line, e.g.
+``--config.finetune.minibatch_epochs=8`` or ``--config.data.tasks='("embedded/invert",)'``
+(experiments/cli.py). Each run is reproducible from its config alone (it is saved next to
+the results as config.json).
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(name: str = "default") -> ml_collections.ConfigDict:
@@ -17,10 +22,11 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.name = name
     c.seed = 0
     # ---- data: a suite of taskvec_jax.data (switching suites is this block alone)
+    # (placeholder(type): None by default, and a typed entry the command line can set)
     c.data = ml_collections.ConfigDict(dict(
-        suite="embedded", tasks=None, source=None, data_dir=None, image_size=None,
-        channels=None,
-        normalization="unit", max_train_examples=None))
+        suite="embedded", tasks=placeholder(tuple), source=placeholder(str),
+        data_dir=placeholder(str), image_size=placeholder(int), channels=placeholder(int),
+        normalization="unit", max_train_examples=placeholder(int)))
     # ---- model: a shared encoder (finetuned, merged) + frozen per-task linear heads
     c.model = ml_collections.ConfigDict(dict(
         kind="mlp", widths=(128, 64), activation="tanh", patch_size=4, depth=2,
@@ -47,7 +53,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
         ties_density=0.2, dare_drop_rate=0.9, breadcrumbs_density=0.15,
         breadcrumbs_outliers=0.006, trajectories=("minibatch", "full_batch")))
     # ---- iterative task arithmetic (ATM): rounds of a one-epoch budget
-    c.atm = ml_collections.ConfigDict(dict(rounds=8, alpha=None))
+    c.atm = ml_collections.ConfigDict(dict(rounds=8, alpha=placeholder(float)))
     c.pca_epochs = (0, 1, 2, 4, 8, 16, 32)
 
     if name == "quick":

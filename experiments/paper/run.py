@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 
 import jax
-import numpy as np
 import optax
 
 import taskvec_jax as tvj
+from experiments.cli import write_json
 from experiments.paper import dominance, merging_study, report, theorem, trajectories
 from experiments.paper.setup import build, log, minibatch_optimizer
 
@@ -32,26 +31,13 @@ def finetune_all(setup):
     return {"full_batch": full, "minibatch": mini}
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x
-
-
 def run(config, workdir: str) -> dict:
     """Runs every finding and writes report.md, results.json, config.json, figures/ and
     checkpoints/ under ``workdir``."""
     start = time.time()
     workdir = os.path.abspath(workdir)
     os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-        json.dump(config.to_dict(), fh, indent=1, default=list)
+    write_json(os.path.join(workdir, "config.json"), config)
     setup = build(config, workdir)
     key = jax.random.key(config.seed + 11)
     trajs = finetune_all(setup)
@@ -118,9 +104,9 @@ def run(config, workdir: str) -> dict:
     }
     results["elapsed_s"] = time.time() - start
     results["findings"] = report.findings(results)
-    results = _jsonable(results)
-    with open(os.path.join(workdir, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
+    # allow_nan: a failed fit (e.g. a slope over zero gaps) is written as NaN and shown as
+    # n/a in the report, rather than losing the whole run.
+    results = write_json(os.path.join(workdir, "results.json"), results, allow_nan=True)
     path = report.write(results, workdir)
     log(f"done in {results['elapsed_s']:.0f} s: {path}")
     return results

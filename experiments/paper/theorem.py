@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import taskvec_jax as tvj
+from experiments.paper.numerics.measure import loglog_slope, lr_sweep
 from taskvec_jax import plotting
+from taskvec_jax.models import multihead_loss_fn
+
+__all__ = ["run"]
 
 
 def run(setup, workdir: str) -> dict:
@@ -23,27 +26,15 @@ def run(setup, workdir: str) -> dict:
         lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, t)
     params = to64(setup.base)
     tasks = [to64(jax.tree.map(lambda x: x[:400], d)) for d in setup.train[:c.num_tasks]]
-    loss_fn = _float64_loss(setup)
-    lrs = np.asarray(c.lrs, float)
-    gaps, residuals = [], []
-    for lr in lrs:
-        res = tvj.theory.task_arithmetic_gap(loss_fn, params, tasks, float(lr), c.alpha,
-                                             c.epochs)
-        terms = tvj.theory.second_order_term(loss_fn, params, tasks, float(lr), c.alpha,
-                                             c.epochs, all_epochs=True)
-        gaps.append(np.asarray(res.gap_norms))
-        residuals.append([float(tvj.tree.norm(tvj.tree.add_scale(
-            jax.tree.map(lambda g: g[k], res.gap), -float(lr) ** 2,
-            jax.tree.map(lambda t: t[k], terms))))
-            for k in range(c.epochs)])
-    gaps, residuals = np.asarray(gaps), np.asarray(residuals)
+    sweep = lr_sweep(_float64_loss(setup), params, tasks, c.lrs, c.alpha, c.epochs)
+    lrs, gaps = sweep["lrs"], sweep["gap_norms"]
+    residuals = sweep["residual_norms"]["current"]
     rows = []
     for k in range(1, c.epochs + 1):
         row = {"k": k, "max_gap": float(gaps[:, k - 1].max())}
         if k >= 2:
-            row["slope_gap"] = float(np.polyfit(np.log(lrs), np.log(gaps[:, k - 1]), 1)[0])
-            row["slope_residual"] = float(np.polyfit(np.log(lrs),
-                                                     np.log(residuals[:, k - 1]), 1)[0])
+            row["slope_gap"] = loglog_slope(lrs, gaps[:, k - 1])
+            row["slope_residual"] = loglog_slope(lrs, residuals[:, k - 1])
         rows.append(row)
     curves = {f"||TA - MT||, k={k}": gaps[:, k - 1] for k in range(2, c.epochs + 1)}
     curves.update({f"||TA - MT - lr^2 C_k||, k={k}": residuals[:, k - 1]
@@ -53,12 +44,12 @@ def run(setup, workdir: str) -> dict:
                                  f"alpha={c.alpha})",
                            path=os.path.join(workdir, "figures", "theorem1.png"))
     return {"lrs": lrs.tolist(), "alpha": c.alpha, "num_tasks": len(tasks),
-            "gap_norm": gaps.tolist(), "residual_norm": residuals.tolist(), "rows": rows}
+            "gap_norm": gaps.tolist(), "residual_norm": np.asarray(residuals).tolist(),
+            "rows": rows}
 
 
 def _float64_loss(setup):
     """The multihead loss with the heads cast to float64 too."""
-    from taskvec_jax.models import multihead_loss_fn
     heads = setup.heads._replace(kernel=setup.heads.kernel.astype(jnp.float64),
                                  bias=setup.heads.bias.astype(jnp.float64))
     return multihead_loss_fn(setup.encode, heads)

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from taskvec_jax.data import embedded
-from taskvec_jax.data.embedded import EMBEDDED_SOURCE, EMBEDDED_TASKS
+from taskvec_jax.data.embedded import EMBEDDED_SOURCE, EMBEDDED_TASKS, permuted_digits_tasks
 from taskvec_jax.data.folder import import_folder
 from taskvec_jax.data.pipeline import (
     ArrayRecords,
@@ -50,6 +50,7 @@ from taskvec_jax.data.registry import (
     register_task,
     stable_permutation,
     task_names,
+    unregister_task,
 )
 from taskvec_jax.data.tfds_source import (
     DataNotFoundError,
@@ -184,6 +185,7 @@ __all__ = [
     "NORMALIZATIONS", "Preprocess", "SPLITS", "SUITES", "SplitPlan", "Suite", "TaskSpec",
     "TaskSplit", "VISION8", "batches", "carve", "default_data_dir", "default_num_threads",
     "embedded", "epoch_order", "find_prepared", "get_suite", "get_task", "import_folder",
-    "is_registered", "load_suite", "load_task", "open_split", "readable_class_names",
-    "register_task", "resolve_data_dir", "stable_permutation", "task_names", "task_spec",
+    "is_registered", "load_suite", "load_task", "open_split", "permuted_digits_tasks",
+    "readable_class_names", "register_task", "resolve_data_dir", "stable_permutation",
+    "task_names", "task_spec", "unregister_task",
 ]

@@ -13,6 +13,8 @@ import sys
 
 from taskvec_jax import data
 
+__all__ = ["main"]
+
 
 def _list() -> int:
     for name in data.task_names():

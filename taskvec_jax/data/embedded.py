@@ -34,6 +34,10 @@ task                       image transform                             label
 =========================  ==========================================  ===================
 
 A full-batch epoch of a small MLP over a task's 2,000 training images takes milliseconds.
+
+Beside the registered tasks, :func:`permuted_digits_tasks` builds the small flat suite the
+Theorem 1/2 experiment measures on (``experiments/theorem.py``): disjoint blocks of the raw
+8x8 digits, each seen through its own fixed pixel permutation.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ from typing import Callable
 import numpy as np
 
 from taskvec_jax.data.registry import SplitPlan, TaskSpec, register_task, stable_permutation
+
+__all__ = [
+    "DIGITS_SIZES", "EMBEDDED", "EMBEDDED_SOURCE", "EMBEDDED_TASKS", "PERMUTATION_SEED",
+    "SOURCE_SIZE", "SOURCE_SIZES", "SPLIT_SEED", "TASK_SIZES", "digits8x8", "digits_path",
+    "digits_raw", "mnist5k", "mnist5k_path", "permuted_digits_tasks", "split_indices",
+    "task_arrays",
+]
 
 SOURCE_SIZE = 1500
 TASK_SIZES = {"train": 2000, "validation": 500, "test": 1000}
@@ -111,24 +122,76 @@ def _resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def digits8x8() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 digits framed like MNIST: ``uint8 [1797, 28, 28]``, labels.
+def digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits as ``load_digits`` gives them: ``float64 [1797, 64]``
+    intensities ``0..16`` (row-major) and ``int64 [1797]`` labels, read-only.
 
     Each row of ``digits.csv.gz`` (what ``sklearn.datasets.load_digits`` reads) is 64
-    intensities ``0..16`` (row-major 8x8) followed by the label.
+    intensities followed by the label.
     """
     with gzip.open(digits_path(), "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.float64)
     if table.shape != (1797, 65):
         raise ValueError(f"digits.csv.gz has shape {table.shape}, expected (1797, 65)")
-    small = np.round(table[:, :64].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    pixels = np.ascontiguousarray(table[:, :64])
+    labels = table[:, 64].astype(np.int64)
+    pixels.flags.writeable = False
+    labels.flags.writeable = False
+    return pixels, labels
+
+
+@functools.lru_cache(maxsize=None)
+def digits8x8() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits framed like MNIST: ``uint8 [1797, 28, 28]``, labels.
+
+    ``round(v * 255 / 16)`` of :func:`digits_raw`, bilinear to 20x20, centered in 28x28.
+    """
+    pixels, labels = digits_raw()
+    small = np.round(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
     images = np.zeros((small.shape[0], 28, 28), np.uint8)
     for i, im in enumerate(small):
         images[i, 4:24, 4:24] = _resize_bilinear(im, 20)
     images.flags.writeable = False
-    labels = table[:, 64].astype(np.int64)
-    labels.flags.writeable = False
     return images, labels
+
+
+def permuted_digits_tasks(num_tasks: int, examples_per_task: int, seed: int = 0
+                          ) -> list[dict[str, np.ndarray]]:
+    """``num_tasks`` flat tasks from scikit-learn's 8x8 digits (no download).
+
+    The 1,797 images of :func:`digits_raw`, scaled to ``[0, 1]`` (``v / 16``) and flat
+    (64 pixels), are shuffled by ``numpy.random.default_rng(seed).permutation`` and cut
+    into disjoint blocks of ``examples_per_task``; task ``t`` sees block ``t`` through the
+    pixel permutation ``default_rng(seed + t).permutation(64)`` (task 0: the identity).
+    Every task has the 10 digit classes. This is the suite of the Theorem 1/2 experiment
+    (``experiments/configs/theorem.py``); its numbers depend on exactly this construction.
+
+    Args:
+      num_tasks: how many tasks.
+      examples_per_task: examples in each task (``num_tasks * examples_per_task`` at most
+        1,797).
+      seed: the shuffle and permutation seed.
+
+    Returns:
+      A list of ``{"image": float64 [examples_per_task, 64], "label": int32 [...]}``.
+
+    Raises:
+      ValueError: if the tasks need more than the 1,797 digits.
+    """
+    pixels, labels = digits_raw()
+    x = pixels / 16.0
+    y = labels.astype(np.int32)
+    if num_tasks * examples_per_task > len(x):
+        raise ValueError(f"{num_tasks} tasks x {examples_per_task} examples exceed the "
+                         f"{len(x)} digits")
+    order = np.random.default_rng(seed).permutation(len(x))
+    tasks = []
+    for t in range(num_tasks):
+        idx = order[t * examples_per_task:(t + 1) * examples_per_task]
+        perm = (np.arange(x.shape[1]) if t == 0
+                else np.random.default_rng(seed + t).permutation(x.shape[1]))
+        tasks.append({"image": x[idx][:, perm], "label": y[idx]})
+    return tasks
 
 
 def _partition(n: int, sizes: dict[str, int], seed: int, offset: int = 0

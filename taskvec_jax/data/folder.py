@@ -39,6 +39,8 @@ from taskvec_jax.data.registry import (
 )
 from taskvec_jax.data.tfds_source import resolve_data_dir
 
+__all__ = ["IMAGE_EXTENSIONS", "VERSION", "import_folder", "label_map", "scan_folder"]
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif",
                     ".tiff", ".webp")
 VERSION = "1.0.0"

@@ -22,6 +22,9 @@ import numpy as np
 from taskvec_jax.data.preprocess import Preprocess
 from taskvec_jax.data.registry import TaskSpec
 
+__all__ = ["ArrayRecords", "Batch", "Records", "TaskSplit", "batches",
+           "default_num_threads", "epoch_order"]
+
 Batch = dict[str, np.ndarray]
 
 

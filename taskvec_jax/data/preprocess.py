@@ -20,6 +20,8 @@ from typing import Literal, Sequence
 import numpy as np
 import PIL.Image
 
+__all__ = ["NORMALIZATIONS", "Preprocess", "resize", "to_channels"]
+
 # (mean, std) of x / 255, per channel; a single value applies to every channel.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "unit": ((0.0,), (1.0,)),                 # [0, 1]

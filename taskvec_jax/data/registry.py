@@ -26,6 +26,11 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+__all__ = ["GTSRB_CLASS_NAMES", "SPLITS", "Source", "SplitPlan", "TFDS_TASKS", "TaskSpec",
+           "VISION8", "carve", "get_task", "is_registered", "local_dataset_name",
+           "readable_class_names", "register_task", "stable_permutation", "task_names",
+           "unregister_task"]
+
 SPLITS = ("train", "validation", "test")
 Source = Literal["tfds", "folder", "embedded"]
 
@@ -246,9 +251,6 @@ GTSRB_CLASS_NAMES = (
     "white circle with gray strike bar indicating no passing for trucks has ended",
 )
 
-_FOLDER_HINT = ("a folder of class sub-folders of images (or train/ and test/ folders of "
-                "them)")
-
 TFDS_TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("mnist", "tfds", 10, tfds_name="mnist", image_shape=(28, 28, 1),
              description="MNIST handwritten digits (LeCun et al., 1998)"),
@@ -327,6 +329,19 @@ def register_task(spec: TaskSpec, *, overwrite: bool = False) -> TaskSpec:
     _REGISTRY[spec.name] = spec
     for alias in spec.aliases:
         _ALIASES[alias] = spec.name
+    return spec
+
+
+def unregister_task(name: str) -> TaskSpec:
+    """Removes the task ``name`` (and its aliases) from the registry; returns its spec.
+
+    Raises:
+      KeyError: naming the registered tasks, if there is none.
+    """
+    spec = get_task(name)
+    del _REGISTRY[spec.name]
+    for alias in spec.aliases:
+        _ALIASES.pop(alias, None)
     return spec
 
 

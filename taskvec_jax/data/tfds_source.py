@@ -32,6 +32,10 @@ from taskvec_jax.data.registry import (
     local_dataset_name,
 )
 
+__all__ = ["ARRAY_RECORD", "DataNotFoundError", "PreparedData", "default_data_dir",
+           "find_prepared", "folder_plan", "local_dataset_dir", "resolve_data_dir",
+           "split_records"]
+
 ARRAY_RECORD = "array_record"
 
 
