@@ -49,7 +49,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     # Theorem 2: measured ||C_k||, its bound and the paper's stated form at this step.
     config.bound_lr = 0.05
     config.power_iteration_tol = 1e-8
-    config.power_iteration_max_iters = 300
+    config.power_iteration_max_steps = 300
 
     # Beyond the theorem: minibatch SGD. The one-epoch gap as the batch shrinks, for the
     # first run's network, at these step sizes.

@@ -20,13 +20,15 @@ from typing import Literal, Sequence
 import numpy as np
 import PIL.Image
 
+from taskvec_jax.clip.model import IMAGE_MEAN, IMAGE_STD
+
 __all__ = ["NORMALIZATIONS", "Preprocess", "resize", "to_channels"]
 
 # (mean, std) of x / 255, per channel; a single value applies to every channel.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "unit": ((0.0,), (1.0,)),                 # [0, 1]
     "symmetric": ((0.5,), (0.5,)),            # [-1, 1]
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "clip": (IMAGE_MEAN, IMAGE_STD),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 

@@ -26,6 +26,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from taskvec_jax.clip.prompts import GTSRB
+
 __all__ = ["GTSRB_CLASS_NAMES", "SPLITS", "Source", "SplitPlan", "TFDS_TASKS", "TaskSpec",
            "VISION8", "carve", "get_task", "is_registered", "local_dataset_name",
            "readable_class_names", "register_task", "stable_permutation", "task_names",
@@ -204,52 +206,8 @@ def readable_class_names(names: Sequence[str]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- the tasks
 
 # The German Traffic Sign Recognition Benchmark's 43 classes, as worded by the CLIP
-# authors (Radford et al., 2021) and used by the task-vector literature.
-GTSRB_CLASS_NAMES = (
-    "red and white circle 20 kph speed limit",
-    "red and white circle 30 kph speed limit",
-    "red and white circle 50 kph speed limit",
-    "red and white circle 60 kph speed limit",
-    "red and white circle 70 kph speed limit",
-    "red and white circle 80 kph speed limit",
-    "end / de-restriction of 80 kph speed limit",
-    "red and white circle 100 kph speed limit",
-    "red and white circle 120 kph speed limit",
-    "red and white circle red car and black car no passing",
-    "red and white circle red truck and black car no passing",
-    "red and white triangle road intersection warning",
-    "white and yellow diamond priority road",
-    "red and white upside down triangle yield right-of-way",
-    "stop",
-    "empty red and white circle",
-    "red and white circle no truck entry",
-    "red circle with white horizonal stripe no entry",
-    "red and white triangle with exclamation mark warning",
-    "red and white triangle with black left curve approaching warning",
-    "red and white triangle with black right curve approaching warning",
-    "red and white triangle with black double curve approaching warning",
-    "red and white triangle rough / bumpy road warning",
-    "red and white triangle car skidding / slipping warning",
-    "red and white triangle with merging / narrow lanes warning",
-    "red and white triangle with person digging / construction / road work warning",
-    "red and white triangle with traffic light approaching warning",
-    "red and white triangle with person walking warning",
-    "red and white triangle with child and person walking warning",
-    "red and white triangle with bicyle warning",
-    "red and white triangle with snowflake / ice warning",
-    "red and white triangle with deer warning",
-    "white circle with gray strike bar no speed limit",
-    "blue circle with white right turn arrow mandatory",
-    "blue circle with white left turn arrow mandatory",
-    "blue circle with white forward arrow mandatory",
-    "blue circle with white forward or right turn arrow mandatory",
-    "blue circle with white forward or left turn arrow mandatory",
-    "blue circle with white keep right arrow mandatory",
-    "blue circle with white keep left arrow mandatory",
-    "blue circle with white arrows indicating a traffic circle",
-    "white circle with gray strike bar indicating no passing for cars has ended",
-    "white circle with gray strike bar indicating no passing for trucks has ended",
-)
+# authors (Radford et al., 2021); written once, in taskvec_jax.clip.prompts.
+GTSRB_CLASS_NAMES = GTSRB
 
 TFDS_TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("mnist", "tfds", 10, tfds_name="mnist", image_shape=(28, 28, 1),

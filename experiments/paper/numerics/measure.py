@@ -88,7 +88,7 @@ def theorem2(loss_fn, params, tasks, run, config, key) -> dict:
     lr, alpha, num_epochs = config.bound_lr, config.alpha, config.num_epochs
     curv = theory.trajectory_curvature(loss_fn, params, tasks, lr, alpha, num_epochs, key,
                                        tol=config.power_iteration_tol,
-                                       max_iters=config.power_iteration_max_iters)
+                                       max_steps=config.power_iteration_max_steps)
     c = theory.second_order_term(loss_fn, params, tasks, lr, alpha, num_epochs,
                                  all_epochs=True)
     c_norms = np.asarray(jax.vmap(tvj.tree.norm)(c))
