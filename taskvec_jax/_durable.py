@@ -344,21 +344,20 @@ def read_version(path: str, what: str, read: Callable[[str, dict], Any]) -> Any:
 # ---------------------------------------------------------------------------- swaps
 
 
-def swap_in(staged: str, final: str) -> None:
+def swap_in(staged: str, final: str, trash: str) -> None:
     """Replaces directory ``final`` (if any) by the complete directory ``staged``.
 
-    Two renames: ``final`` -> a ``.trash-*`` sibling, then ``staged`` -> ``final``; a crash
-    between them leaves no ``final`` (and the old data in the leftover), never a mix.
+    Two renames: ``final`` -> ``trash`` (a leftover name of the caller's), then ``staged``
+    -> ``final``; a crash between them leaves no ``final`` (the old data in ``trash``),
+    never a mix. ``trash`` is deleted at the end.
     """
-    parent = os.path.dirname(final)
     old = None
     if os.path.lexists(final):
-        old = os.path.join(parent, f"{_TRASH}{os.path.basename(final)}-"
-                                   f"{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
+        os.rename(final, trash)
+        old = trash
         crash_point("moved-away")
     os.rename(staged, final)
-    fsync_dir(parent)
+    fsync_dir(os.path.dirname(final))
     crash_point("swapped")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
