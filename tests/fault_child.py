@@ -56,18 +56,24 @@ def _slow_hook(progress: str, seed: int, max_pause: float, label=lambda: ""):
 
 
 def save_tree(i: int) -> dict:
-    """Tree number ``i``: every leaf determined by ``i`` (NamedTuple and None included)."""
+    """Tree number ``i``: every leaf determined by ``i``, an optax state and ``None``
+    included. Numpy only: no JAX computation, so nothing compiles in a worker."""
     rng = np.random.default_rng(i)
     params = {"w": rng.normal(size=(6, 5)), "b": rng.normal(size=(5,)).astype(np.float32)}
-    state = optax.adam(1e-2).init(params)
-    return {"i": np.asarray(i, np.int64), "params": params,
-            "opt_state": jax.tree.map(lambda x: np.asarray(x) + i, state),
+    state = (optax.ScaleByAdamState(count=np.asarray(i, np.int32),
+                                    mu=jax.tree.map(lambda x: x * 0.5, params),
+                                    nu=jax.tree.map(np.square, params)),
+             optax.EmptyState())
+    return {"i": np.asarray(i, np.int64), "params": params, "opt_state": state,
             "none": None}
 
 
 def save_loop(path: str, progress: str, start: int, seed: int, max_pause: float) -> None:
-    """Saves trees start, start+1, ... to ``path`` forever (until killed)."""
+    """Saves trees start, start+1, ... to ``path`` forever (until killed), after one
+    warm-up save elsewhere (orbax's first save in a process is several times slower)."""
+    checkpoint.save(path + ".warm", save_tree(start), overwrite=True)
     _durable.crash_point = _slow_hook(progress, seed, max_pause)
+    _log(progress, "ready")
     i = start
     while True:
         _log(progress, f"start {i}")
@@ -128,10 +134,11 @@ def finetune_run(directory: str, progress: str, num_epochs: int, seed: int,
 
 def import_loop(folders: list[str], data_dir: str, progress: str, start: int, seed: int,
                 max_pause: float) -> None:
-    """Imports folders[start % 2], folders[(start+1) % 2], ... as gtsrb, forever."""
-    from taskvec_jax.data import folder as folder_module  # noqa: F401
-
+    """Imports folders[start % 2], folders[(start+1) % 2], ... as gtsrb, forever, after
+    a warm-up import elsewhere."""
+    data.import_folder(folders[0], "gtsrb", data_dir=data_dir + ".warm", overwrite=True)
     _durable.crash_point = _slow_hook(progress, seed, max_pause)
+    _log(progress, "ready")
     i = start
     while True:
         _log(progress, f"start {i}")
@@ -152,7 +159,8 @@ def main() -> None:
         pids = []
         for command in json.loads(line)["workers"]:
             pid = os.fork()
-            if pid == 0:  # the worker
+            if pid == 0:  # the worker; its prints go to the log, never to the protocol
+                os.dup2(2, 1)
                 code = 0
                 try:
                     WORKERS[command["fn"]](**command["args"])
