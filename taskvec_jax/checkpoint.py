@@ -271,6 +271,12 @@ def resumable_finetune(
     key_data = _key_data(key)
     state = RunState(params, optimizer.init(params), 0)
     losses: list[float] = []
+    old_steps = sorted(n for n in (os.listdir(directory) if os.path.isdir(directory) else ())
+                       if n.isdigit())
+    if old_steps and not exists(directory):
+        raise ValueError(f"{directory} holds a run saved by an earlier taskvec_jax (orbax "
+                         f"CheckpointManager steps {old_steps}); finish it with that version "
+                         "or pass a new directory")
     if exists(directory):
         restored, log = restore(directory, like={"params": state.params,
                                                  "opt_state": state.opt_state},

@@ -316,3 +316,18 @@ def test_a_held_lock_refuses_a_second_writer(tmp_path):
     _assert_same(checkpoint.restore(path), _tree(1))
     checkpoint.save(path, _tree(2), overwrite=True)  # the lock is released with its holder
     _assert_same(checkpoint.restore(path), _tree(2))
+
+
+def test_resumable_finetune_refuses_a_run_directory_of_the_earlier_layout(tmp_path):
+    directory = os.fspath(tmp_path / "run")
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
+                               item_names=("state", "log")) as manager:
+        manager.save(2, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": {"w": np.ones(2)}}),
+            log=ocp.args.JsonSave({"losses": [1.0, 0.5], "key": None})))
+        manager.wait_until_finished()
+    with pytest.raises(ValueError, match=r"holds a run saved by an earlier taskvec_jax \(orbax "
+                                         r"CheckpointManager steps \['2'\]\)"):
+        checkpoint.resumable_finetune(lambda p, b: 0.0, {"w": np.ones(2)}, {"x": np.ones(3)},
+                                      optax.sgd(0.1), 4, directory)
+    assert sorted(os.listdir(directory)) == ["2"]  # untouched
