@@ -58,6 +58,9 @@ def save(path: str | os.PathLike, tree: PyTree, *, overwrite: bool = False,
       metadata: a JSON-serializable dict stored in the same atomic version as the
         arrays (read back with ``restore(..., return_metadata=True)``).
 
+    Cost: orbax's write, then one read of the written files (their CRC-32s) and an
+    ``fsync`` of each, so that the committed version is on disk, not only in memory.
+
     Returns:
       The absolute path written.
 

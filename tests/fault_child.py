@@ -82,12 +82,15 @@ def save_loop(path: str, progress: str, start: int, seed: int, max_pause: float)
         i += 1
 
 
-def save_once(path: str, progress: str, i: int, pause: float) -> None:
-    """One save of tree ``i`` that pauses ``pause`` s once its staging is written."""
+def save_once(path: str, progress: str, i: int, release: str) -> None:
+    """One save of tree ``i`` that, once its staging is written (the lock held), waits
+    until the file ``release`` exists (at most 30 s)."""
     def crash_point(stage: str) -> None:
         if stage == "written":
             _log(progress, f"written {i}")
-            time.sleep(pause)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.005)
 
     _durable.crash_point = crash_point
     _log(progress, f"start {i}")

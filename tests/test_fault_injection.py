@@ -183,13 +183,21 @@ def _newest(path) -> int:
 
 
 def test_two_writing_processes_never_mix_one_wins_whole(zygote, tmp_path):
+    """Two processes save to one path at once: the one holding the lock (kept while the
+    other tries) writes its tree whole, the other is refused; nothing is mixed."""
     path = os.fspath(tmp_path / "ck")
     checkpoint.save(path, save_tree(0))
-    for round_, pause in enumerate((0.6, 0.3)):
+    for round_ in range(2):
         a, b = 2 * round_ + 1, 2 * round_ + 2
+        release = os.fspath(tmp_path / f"release-{round_}")
         prog = {i: os.fspath(tmp_path / f"progress-{i}") for i in (a, b)}
         zygote.start(*[("save_once", {"path": path, "progress": prog[i], "i": i,
-                                      "pause": pause}) for i in (a, b)])
+                                      "release": release}) for i in (a, b)])
+        deadline = time.monotonic() + 30
+        while not any(l.startswith("refused") for i in (a, b) for l in _lines(prog[i])):
+            assert time.monotonic() < deadline, {i: _lines(prog[i]) for i in (a, b)}
+            time.sleep(0.005)
+        open(release, "w").close()
         assert zygote.wait() == [0, 0]
         outcome = {i: _lines(prog[i])[-1] for i in (a, b)}
         winners = [i for i, last in outcome.items() if last.startswith("done")]
