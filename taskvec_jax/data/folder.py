@@ -25,12 +25,15 @@ with one channel when all of them are grayscale, else as RGB.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import types
+import uuid
 from typing import Sequence
 
+from taskvec_jax import _durable
 from taskvec_jax.data.registry import (
     get_task,
     is_registered,
@@ -187,13 +190,17 @@ def import_folder(path: str | os.PathLike, name: str, *,
         dataset lands in ``<data_dir>/local_<name>/1.0.0``.
       class_names: the class names in label order; default: the registered task's, or the
         sorted folder names for a new name.
-      overwrite: replace an existing import of ``name``.
+      overwrite: replace an existing import of ``name``; the old dataset stays in place
+        until the new one is completely prepared.
 
     Returns:
       The prepared dataset's folder.
 
     Raises:
       FileExistsError: if ``name`` was imported already and ``overwrite`` is false.
+      BlockingIOError: another process is importing ``name`` into ``data_dir`` right now.
+      OSError: ``errno.ENOSPC`` when the disk fills up (nothing at the destination
+        changed).
       ValueError: if the folder has no images, or its class folders do not match the
         task's class names.
     """
@@ -212,15 +219,39 @@ def import_folder(path: str | os.PathLike, name: str, *,
              for split, classes in scanned.items()}
     channels, encoding = _inspect([f for split in items.values() for _, f, _ in split])
     root = os.path.join(data_dir, local_dataset_name(task))
-    if os.path.exists(root):
-        if not overwrite:
-            raise FileExistsError(f"{task!r} was already imported into {root!r}; pass "
-                                  "overwrite=True to import it again")
-        shutil.rmtree(root)
+    if os.path.exists(root) and not overwrite:
+        raise FileExistsError(f"{task!r} was already imported into {root!r}; pass "
+                              "overwrite=True to import it again")
     counts = ", ".join(f"{s}: {len(v)}" for s, v in items.items())
     description = (f"Task {task!r} imported from the local folder {os.path.abspath(path)} "
                    f"({counts} images, {len(names)} classes).")
-    builder = _make_builder(local_dataset_name(task), names, items, channels, encoding,
-                            description, data_dir)
-    builder.download_and_prepare()
-    return os.fspath(builder.data_dir)
+    # Crash-safe: prepared in a hidden staging data dir, then swapped in whole (a killed
+    # import leaves the old dataset or none at `root`, never a part; docs/durability.md).
+    os.makedirs(data_dir, exist_ok=True)
+    hidden = os.path.join(data_dir, f".{local_dataset_name(task)}")
+    with _durable.exclusive_lock(hidden + ".lock", f"the import of {task!r} into {root!r}"):
+        if os.path.exists(root) and not overwrite:  # another import won the race
+            raise FileExistsError(f"{task!r} was already imported into {root!r}; pass "
+                                  "overwrite=True to import it again")
+        for entry in os.listdir(data_dir):  # leftovers of killed imports, never read
+            if entry.startswith((f"{os.path.basename(hidden)}.staging-",
+                                 f"{os.path.basename(hidden)}.trash-")):
+                shutil.rmtree(os.path.join(data_dir, entry), ignore_errors=True)
+        staging = f"{hidden}.staging-{uuid.uuid4().hex}"
+        try:
+            builder = _make_builder(local_dataset_name(task), names, items, channels,
+                                    encoding, description, staging)
+            builder.download_and_prepare()
+            _durable.crash_point("prepared")
+            staged = os.path.join(staging, local_dataset_name(task))
+            _durable.fsync_tree(staged)
+            _durable.swap_in(staged, root, f"{hidden}.trash-{uuid.uuid4().hex}")
+        except BaseException as exc:
+            if isinstance(exc, Exception) and _durable.disk_full_error(exc):
+                raise OSError(errno.ENOSPC, f"no space left on device while importing "
+                              f"{task!r} into {root!r}; nothing was changed there",
+                              root) from exc
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return os.path.join(root, os.path.basename(os.fspath(builder.data_dir)))
