@@ -120,8 +120,7 @@ def test_grams_of_a_cnns_dense_layers_are_xtx_of_their_inputs():
     model = CNN(10, channels=(3,), hidden=8, activation="tanh", param_dtype=jnp.float64)
     x = _images()
     params = model.init(jax.random.key(1), x[:1])["params"]
-    grams = M.regmean_grams(lambda p, b: model.apply({"params": p}, b), params, x,
-                            microbatch_size=8)
+    grams = M.regmean_grams(lambda p, b: model.apply({"params": p}, b), params, x)
     convs = {"Conv_0": params["Conv_0"]}
     flat = model.clone(hidden=0, include_head=False).apply({"params": convs}, x)
     hidden = model.clone(include_head=False).apply(

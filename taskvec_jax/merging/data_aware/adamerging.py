@@ -204,7 +204,7 @@ def adamerging(base: PyTree, task_vectors: Sequence[PyTree],
                          f"{num}: pass one set of inputs per task")
     fns = _apply_fns(apply_fn, num)
     for t, (fn, x) in enumerate(zip(fns, inputs)):
-        out = jax.eval_shape(fn, base, _checks_take(x))
+        out = jax.eval_shape(fn, base, _first_input(x))
         if getattr(out, "ndim", None) != 2 or out.shape[0] != 1:
             raise ValueError(f"apply_fn must return [n, num_classes] logits; on one input "
                              f"of task {t} it returned shape "
@@ -232,7 +232,8 @@ def _is_array(x) -> bool:
     return isinstance(x, (int, float, np.ndarray, np.generic, jax.Array))
 
 
-def _checks_take(x):
+def _first_input(x):
+    """The first example of a pytree of inputs (a batch of one)."""
     return jax.tree.map(lambda a: a[:1], x)
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from taskvec_jax import _checks
 from taskvec_jax import tree as tree_lib
@@ -89,6 +90,8 @@ def fisher(models: Sequence[PyTree], fishers: Sequence[PyTree], *, eps: float = 
         raise ValueError(f"eps must be >= 0, got {eps}")
     w = (jnp.full((num,), 1.0 / num) if weights is None
          else _common.per_task_alpha(weights, num, name="weights"))
+    if not _common.is_traced(w) and bool(jnp.any(w < 0)):
+        raise ValueError(f"weights must be non-negative, got {np.asarray(w).tolist()}")
     return _fisher_jit(tuple(models), tuple(fishers), w, eps=eps, normalize=bool(normalize))
 
 
