@@ -39,7 +39,6 @@ WIDTH, MLP_WIDTH, TOKENS, EMBED, CLASSES = 768, 3072, 50, 512, 10
 
 def _jax_model(blocks: int):
     import flax.linen as nn
-    import jax.numpy as jnp
 
     class Skeleton(nn.Module):
         @nn.compact
@@ -53,7 +52,7 @@ def _jax_model(blocks: int):
             z = nn.Dense(EMBED, use_bias=False, name="embed")(x[:, 0])
             return nn.Dense(CLASSES, name="head")(z)
 
-    return Skeleton(), jnp
+    return Skeleton()
 
 
 def _torch_model(blocks: int):
@@ -87,14 +86,14 @@ def _entries(quick: bool) -> list[dict[str, Any]]:
     import torch
 
     import taskvec_jax as tvj
-    from benchmarks.harness import ratio
+    from benchmarks.harness import Stats, ratio
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     blocks = 2 if quick else 12
     n_gram, n_fisher, batch, num_tasks = (8, 4, 2, 2) if quick else (16, 8, 4, 8)
     repeats = 3 if quick else 5
     rng = np.random.default_rng(0)
-    model, _ = _jax_model(blocks)
+    model = _jax_model(blocks)
     x = rng.normal(size=(n_gram, TOKENS, WIDTH)).astype(np.float32)
     labels = rng.integers(0, CLASSES, size=n_gram)
     params = model.init(jax.random.key(0), jnp.asarray(x[:1]))["params"]
@@ -205,7 +204,6 @@ def _entries(quick: bool) -> list[dict[str, Any]]:
     r1, j1, t1 = ratio(lambda: jax_steps(1), lambda: torch_steps(1), repeats=repeats)
     jstep = (j3.median - j1.median) / (steps - 1)
     tstep = (t3.median - t1.median) / (steps - 1)
-    from benchmarks.harness import Stats
     out.append({"name": "adamerging step / torch functional_call step (time)", "setting":
                 f"{setting}, layer-wise, T={num_tasks}, {batch} inputs per task per step",
                 "ratio": Stats.of([jstep / tstep]), "target": "<= 1.5",
@@ -229,8 +227,9 @@ def _copy_weights(params, tmodel, blocks: int) -> None:
         for name in ("qkv", "out", "fc", "proj"):
             set_linear(blk[name], params[f"{name}_{b}"])
         for name in ("ln1", "ln2"):
-            blk[name].weight.data = torch.from_numpy(np.asarray(params[f"{name}_{b}"]["scale"]).copy())
-            blk[name].bias.data = torch.from_numpy(np.asarray(params[f"{name}_{b}"]["bias"]).copy())
+            ln = params[f"{name}_{b}"]
+            blk[name].weight.data = torch.from_numpy(np.asarray(ln["scale"]).copy())
+            blk[name].bias.data = torch.from_numpy(np.asarray(ln["bias"]).copy())
     set_linear(tmodel.embed, params["embed"])
     set_linear(tmodel.head, params["head"])
 
