@@ -63,8 +63,8 @@ def _torch_model(blocks: int):
         def __init__(self):
             super().__init__()
             self.blocks = nn.ModuleList([nn.ModuleDict(dict(
-                ln1=nn.LayerNorm(WIDTH), qkv=nn.Linear(WIDTH, 3 * WIDTH),
-                out=nn.Linear(WIDTH, WIDTH), ln2=nn.LayerNorm(WIDTH),
+                ln1=nn.LayerNorm(WIDTH, eps=1e-6), qkv=nn.Linear(WIDTH, 3 * WIDTH),
+                out=nn.Linear(WIDTH, WIDTH), ln2=nn.LayerNorm(WIDTH, eps=1e-6),
                 fc=nn.Linear(WIDTH, MLP_WIDTH), proj=nn.Linear(MLP_WIDTH, WIDTH)))
                 for _ in range(blocks)])
             self.embed = nn.Linear(WIDTH, EMBED, bias=False)
@@ -73,7 +73,8 @@ def _torch_model(blocks: int):
         def forward(self, x):
             for blk in self.blocks:
                 x = x + blk["out"](blk["qkv"](blk["ln1"](x))[..., :WIDTH])
-                x = x + blk["proj"](torch.nn.functional.gelu(blk["fc"](blk["ln2"](x))))
+                x = x + blk["proj"](torch.nn.functional.gelu(blk["fc"](blk["ln2"](x)),
+                                                          approximate="tanh"))
             return self.head(self.embed(x[:, 0]))
 
     return Skeleton()
@@ -101,6 +102,10 @@ def _entries(quick: bool) -> list[dict[str, Any]]:
     tmodel = _torch_model(blocks)
     _copy_weights(params, tmodel, blocks)
     tx, tlabels = torch.from_numpy(x), torch.from_numpy(labels)
+    with torch.no_grad():     # the two forms compute the same function
+        np.testing.assert_allclose(tmodel(tx[:2]).numpy(),
+                                   np.asarray(model.apply({"params": params}, x[:2])),
+                                   rtol=2e-3, atol=2e-3)
     setting = f"{blocks} blocks, {n_params / 1e6:.1f}M params, {TOKENS} tokens, float32, CPU"
     out = []
 
