@@ -26,4 +26,13 @@ if [ -x "$venv/bin/uv" ]; then
 else
   "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
 fi
+# The parity tests' reference implementations, without their framework dependencies
+# (fusion-bench's hydra/lightning/datasets stack is never imported by the tests).
+if [[ ",$extras," == *",parity,"* ]]; then
+  if [ -x "$venv/bin/uv" ]; then
+    VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --no-deps fusion-bench==0.2.33 >&2
+  else
+    "$venv/bin/python" -m pip install -q --no-deps fusion-bench==0.2.33
+  fi
+fi
 echo "$want" > "$stamp"

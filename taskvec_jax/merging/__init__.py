@@ -47,3 +47,24 @@ __all__ = [
     "dare", "dare_task_arithmetic", "greedy_soup", "learned_soup", "magnitude_mask",
     "task_arithmetic", "ties", "ties_merge", "ties_task_vector", "trim", "uniform_soup",
 ]
+
+# Data-aware merges (Fisher, RegMean, AdaMerging) and their statistics collectors.
+from taskvec_jax.merging.data_aware import (  # noqa: E402
+    ADAMERGING_GRANULARITIES,
+    FISHER_MODES,
+    AdaMerging,
+    adamerging,
+    diagonal_fisher,
+    fisher,
+    prediction_entropy,
+    regmean,
+    regmean_grams,
+    scaled_merge,
+    ties_masked_task_vectors,
+)
+
+__all__ += [
+    "ADAMERGING_GRANULARITIES", "AdaMerging", "FISHER_MODES", "adamerging",
+    "diagonal_fisher", "fisher", "prediction_entropy", "regmean", "regmean_grams",
+    "scaled_merge", "ties_masked_task_vectors",
+]
