@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from taskvec_jax import _durable, checkpoint  # noqa: E402
+from taskvec_jax.training import resumable  # noqa: E402
 
 if os.environ.get("FAULT_CHILD_DATA"):
     import PIL.Image  # noqa: E402,F401
@@ -129,7 +130,7 @@ def finetune_run(directory: str, progress: str, num_epochs: int, seed: int,
         return orig_save(path, tree, **kw)
 
     checkpoint.save = save
-    state, losses = checkpoint.resumable_finetune(
+    state, losses = resumable.resumable_finetune(
         loss_fn, params, batches, optax.adam(5e-2), num_epochs, directory, save_every=1,
         batch_size=8, key=jax.random.key(3))
     _log(progress, f"finished {state.epoch}")

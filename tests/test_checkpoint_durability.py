@@ -18,6 +18,7 @@ import pytest
 
 import taskvec_jax as tvj
 from taskvec_jax import _durable, checkpoint
+from taskvec_jax.training import resumable
 
 
 def _tree(i: int) -> dict:
@@ -155,7 +156,7 @@ def test_restore_without_like_says_what_to_pass_for_other_nodes(tmp_path):
     tree = {"a": Box(np.arange(3.0)), "b": np.ones(2)}
     path = checkpoint.save(tmp_path / "ck", tree)
     with pytest.raises(ValueError, match=r"cannot be restored without `like`: the tree holds a "
-                                         r"test_checkpoint_durability:Box at /a, .* Pass "
+                                         r"tests.test_checkpoint_durability:Box at /a, .* Pass "
                                          r"like= a tree of the saved structure"):
         checkpoint.restore(path)
     back = checkpoint.restore(path, like=tree)
@@ -328,6 +329,6 @@ def test_resumable_finetune_refuses_a_run_directory_of_the_earlier_layout(tmp_pa
         manager.wait_until_finished()
     with pytest.raises(ValueError, match=r"holds a run saved by an earlier taskvec_jax \(orbax "
                                          r"CheckpointManager steps \['2'\]\)"):
-        checkpoint.resumable_finetune(lambda p, b: 0.0, {"w": np.ones(2)}, {"x": np.ones(3)},
+        resumable.resumable_finetune(lambda p, b: 0.0, {"w": np.ones(2)}, {"x": np.ones(3)},
                                       optax.sgd(0.1), 4, directory)
     assert sorted(os.listdir(directory)) == ["2"]  # untouched

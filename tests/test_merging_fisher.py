@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import taskvec_jax as tvj
-import fusionbench_reference
-from helpers import digits
+from tests import fusionbench_reference
+from tests.helpers import digits
 
 M = tvj.merging
 TRANSFORMS = [pytest.param(jax.jit, id="jit"), pytest.param(lambda f: f, id="eager")]

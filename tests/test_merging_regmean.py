@@ -10,9 +10,9 @@ import pytest
 import torch
 from flax import nnx
 
-import fusionbench_reference
+from tests import fusionbench_reference
 import taskvec_jax as tvj
-from helpers import digits
+from tests.helpers import digits
 from taskvec_jax.models import CNN, MLP
 
 M = tvj.merging
