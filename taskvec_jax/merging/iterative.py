@@ -13,6 +13,7 @@ ATM is then gradient descent on the multitask loss and approaches its minimizer.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -100,6 +101,11 @@ def atm(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
     for name in ("start_epoch", "opt_state"):
         if name in finetune_kwargs:
             raise ValueError(f"atm restarts finetuning every round; {name} is not accepted")
+    accepted = inspect.signature(finetune_tasks).parameters
+    unknown = sorted(k for k in finetune_kwargs if k not in accepted)
+    if unknown:
+        raise TypeError(f"atm got unexpected arguments {unknown}; it passes keyword arguments "
+                        "on to taskvec_jax.finetune_tasks")
     finetune_kwargs.setdefault("keep_epochs", (num_epochs,))
     finetune_kwargs.setdefault("record_gradients", False)
 
