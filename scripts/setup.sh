@@ -26,4 +26,14 @@ if [ -x "$venv/bin/uv" ]; then
 else
   "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
 fi
+# neural-tangents (the `ntk` extra) declares tensorflow and tf2jax, which its empirical
+# kernels never import: with the parity extra it goes in without its dependencies.
+if [[ ",$extras," == *",parity,"* ]]; then
+  if [ -x "$venv/bin/uv" ]; then
+    VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --no-deps "${links[@]}" \
+      "neural-tangents==0.6.5" >&2
+  else
+    "$venv/bin/python" -m pip install -q --no-deps "neural-tangents==0.6.5" >&2
+  fi
+fi
 echo "$want" > "$stamp"
