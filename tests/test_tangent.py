@@ -27,15 +27,22 @@ from helpers import digits, init, max_abs_diff, rng_tree
 TOL = 1e-12
 
 
+def _mlp(p, x):
+    """A tanh MLP 16-6-4 as a plain function (flax's naming): cheap to trace."""
+    h = jnp.tanh(x.reshape(x.shape[0], -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
 @functools.lru_cache(maxsize=None)
 def _setup():
-    """A tanh MLP 64-6-4 and three small digit tasks (float64)."""
+    """The flax twin of ``_mlp``, its parameters and three small digit tasks (float64)."""
     model = MLP((6, 4), "tanh", param_dtype=jnp.float64)
     tasks = [{"image": d["image"][:, :4, :4], "label": d["label"] % 4}
              for d in (digits(12, 20 * t) for t in range(3))]
     params = init(model, tasks[0])
-    apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-    return model, apply_fn, params, tasks
+    params = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a) if a.ndim == 1 else a,
+                          params)                       # non-zero biases
+    return model, _mlp, params, tasks
 
 
 def _dense_jacobian(apply_fn, params, x):
@@ -51,7 +58,7 @@ def test_linearize_is_the_first_order_taylor_expansion():
     _, f, p0, tasks = _setup()
     x = tasks[0]["image"]
     d = tree.scale(0.1, rng_tree(1, p0))
-    f_lin = tvj.linearize(f, p0)
+    f_lin = jax.jit(tvj.linearize(f, p0))
     jac, flat, _ = _dense_jacobian(f, p0, x)
     expected = f(p0, x) + (jac @ tree.ravel(d)[0]).reshape(f(p0, x).shape)
     got = f_lin(tree.add(p0, d), x)
@@ -100,11 +107,11 @@ def test_one_epoch_of_full_batch_gd_on_the_linearized_model_is_minus_lr_grad():
     loss_lin = make_loss_fn(f_lin)
     lr = 0.3
     traj = finetune(loss_lin, p0, tasks[0], optax.sgd(lr), 1)
-    g_lin = jax.grad(loss_lin)(p0, tasks[0])
+    g_lin = jax.jit(jax.grad(loss_lin))(p0, tasks[0])
     step = tree.sub(traj.final_params, p0)
     assert max_abs_diff(step, tree.scale(-lr, g_lin)) <= 1e-15
     # f_lin and f agree in value and Jacobian at p0, so the first gradients agree too
-    g = jax.grad(make_loss_fn(f))(p0, tasks[0])
+    g = jax.jit(jax.grad(make_loss_fn(f)))(p0, tasks[0])
     assert max_abs_diff(g_lin, g) <= TOL
 
 
@@ -187,11 +194,11 @@ def test_hessian_of_a_linearized_loss_is_the_gauss_newton_matrix():
     theta = tree.add(p0, tree.scale(0.3, rng_tree(6, p0)))   # away from p0: H_l varies
     loss_lin = make_loss_fn(tvj.linearize(f, p0))
     v = rng_tree(7, p0)
-    hv = tvj.hvp(loss_lin, theta, data, v)
+    hv = jax.jit(lambda t, u: tvj.hvp(loss_lin, t, data, u))(theta, v)
     jac, _, _ = _dense_jacobian(f, p0, data["image"])        # J of f at p0 == of f_lin
     out = tvj.linearize(f, p0)(theta, data["image"])
-    h_out = jax.hessian(lambda o: make_loss_fn(lambda _, __: o.reshape(out.shape))(
-        None, data))(out.reshape(-1))
+    h_out = jax.jit(jax.hessian(lambda o: make_loss_fn(lambda _, __: o.reshape(out.shape))(
+        None, data)))(out.reshape(-1))
     gn = jac.T @ (h_out @ (jac @ tree.ravel(v)[0]))
     np.testing.assert_allclose(tree.ravel(hv)[0], gn, rtol=0, atol=TOL)
 
@@ -321,11 +328,13 @@ def test_empirical_ntk_matches_neural_tangents_on_a_flax_model():
     model, f, p0, tasks = _setup()
     x1, x2 = tasks[0]["image"][:4], tasks[2]["image"][:3]
 
-    def apply_fn(p, x):          # neural_tangents' signature: apply_fn(params, x)
+    def apply_fn(p, x):          # the flax model, in neural_tangents' apply_fn(params, x)
         return model.apply({"params": p}, x)
 
+    np.testing.assert_allclose(apply_fn(p0, x1), f(p0, x1), rtol=0, atol=TOL)
+
     ours_full = tangent.empirical_ntk(f, p0, x1, x2, trace=False, chunk_size=4)
-    ours = tangent.empirical_ntk(f, p0, x1, x2)
+    ours = np.einsum("ijaa->ij", ours_full) / ours_full.shape[-1]   # trace=True's formula
     impl = empirical.NtkImplementation
     theirs_full = empirical.empirical_ntk_fn(apply_fn, trace_axes=(), vmap_axes=0,
                                              implementation=impl.JACOBIAN_CONTRACTION)(
@@ -372,7 +381,7 @@ def test_disentanglement_error_exact_cases():
     inputs = [t["image"] for t in tasks[:2]]
     tau = tree.scale(0.5, rng_tree(8, p0))
     zero = tree.zeros_like(p0)
-    grid = tangent.alpha_grid(jnp.linspace(-1.0, 2.0, 4))
+    grid = tangent.alpha_grid(jnp.linspace(-1.0, 2.0, 4))   # row 5 is (0, 0)
     for linearized in (False, True):
         for distance in tangent.DISTANCES:
             kw = dict(distance=distance, linearized=linearized)
