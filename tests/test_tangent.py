@@ -194,7 +194,7 @@ def test_hessian_of_a_linearized_loss_is_the_gauss_newton_matrix():
     theta = tree.add(p0, tree.scale(0.3, rng_tree(6, p0)))   # away from p0: H_l varies
     loss_lin = make_loss_fn(tvj.linearize(f, p0))
     v = rng_tree(7, p0)
-    hv = jax.jit(lambda t, u: tvj.hvp(loss_lin, t, data, u))(theta, v)
+    hv = jax.jit(lambda t, u: tvj.hessian.hvp(loss_lin, t, data, u))(theta, v)
     jac, _, _ = _dense_jacobian(f, p0, data["image"])        # J of f at p0 == of f_lin
     out = tvj.linearize(f, p0)(theta, data["image"])
     h_out = jax.jit(jax.hessian(lambda o: make_loss_fn(lambda _, __: o.reshape(out.shape))(
@@ -231,7 +231,7 @@ def test_tangent_theorem1_k2_is_exactly_lr_squared_c2_and_k3_has_an_exact_lr_cub
         gap = tvj.theory.task_arithmetic_gap(loss, p0, tasks, lr, alpha, 3).gap
         c = {h: tvj.theory.second_order_term(loss, p0, tasks, lr, alpha, 3, hessian_at=h,
                                              all_epochs=True)
-             for h in tvj.theory.HESSIAN_AT}
+             for h in ("current", "previous")}
         # constant Hessian: both indexings of C_k coincide
         assert max_abs_diff(c["current"], c["previous"]) <= 1e-13
         c2 = jax.tree.map(lambda a: a[1], c["current"])

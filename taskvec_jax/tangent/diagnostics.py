@@ -116,7 +116,8 @@ def interpolation_barrier(metric_fn: Callable[[PyTree], jax.Array], params_a: Py
         raise ValueError(f"metric_fn must return a scalar, got shape {values.shape[1:]}")
     chord = (1 - lambdas) * values[0] + lambdas * values[-1]
     sign = -1.0 if higher_is_better else 1.0
-    return Barrier(lambdas, values, jnp.max(sign * (values - chord)))
+    # + 0.0 turns the ends' -0.0 (sign * 0) into 0.0
+    return Barrier(lambdas, values, jnp.max(sign * (values - chord)) + 0.0)
 
 
 class LayerTable(NamedTuple):
