@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import sys
 import types
 

@@ -308,10 +308,12 @@ def write_report(results: dict, workdir: str) -> str:
             lines.append(f"| {kind} | {names[k]} | "
                          + " | ".join(f"{v:.3f}" for v in row["own"]) + " |")
     b = diag["barrier"]
+    connected = ("linearly connected (accuracy barrier below 0.02)"
+                 if b["accuracy_barrier"] < 0.02 else "separated by a barrier")
     lines += ["", f"On the segment from the nonlinear merge to the linearized merge "
               f"(evaluated nonlinearly) the accuracy barrier is {b['accuracy_barrier']:.4f} "
               f"and the loss barrier {b['loss_barrier']:.4f}: the two merges are "
-              f"{'linearly connected' if b['accuracy_barrier'] < 0.02 else 'separated by a barrier'}."
+              f"{connected}."
               " (2305.12827 does not measure this; it is reported for completeness.)", "",
               "Per-layer norms of the task vectors (nonlinear, then linearized):", "",
               "| layer | " + " | ".join(f"NL {n}" for n in names)
