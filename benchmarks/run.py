@@ -20,13 +20,15 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-SUITES = ("finetune", "theory", "merging", "parallel", "data")
+SUITES = ("finetune", "theory", "merging", "parallel", "tangent", "data_aware", "data")
 
 
 def _collect(names, quick):
-    from benchmarks import bench_finetune, bench_merging, bench_parallel, bench_theory
+    from benchmarks import (bench_data_aware, bench_finetune, bench_merging, bench_parallel,
+                            bench_tangent, bench_theory)
     modules = {"finetune": bench_finetune, "theory": bench_theory, "merging": bench_merging,
-               "parallel": bench_parallel}
+               "parallel": bench_parallel, "tangent": bench_tangent,
+               "data_aware": bench_data_aware}
     entries = []
     for name in names:
         if name == "data":

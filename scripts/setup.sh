@@ -26,13 +26,15 @@ if [ -x "$venv/bin/uv" ]; then
 else
   "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
 fi
-# The parity tests' reference implementations, without their framework dependencies
-# (fusion-bench's hydra/lightning/datasets stack is never imported by the tests).
+# The parity tests' reference implementations, installed without their dependency trees:
+# fusion-bench's hydra/lightning/datasets stack and neural-tangents' tensorflow/tf2jax are
+# never imported by the tests (they load only the merge functions and empirical kernels).
+nodeps=("fusion-bench==0.2.33" "neural-tangents==0.6.5")
 if [[ ",$extras," == *",parity,"* ]]; then
   if [ -x "$venv/bin/uv" ]; then
-    VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --no-deps fusion-bench==0.2.33 >&2
+    VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --no-deps "${links[@]}" "${nodeps[@]}" >&2
   else
-    "$venv/bin/python" -m pip install -q --no-deps fusion-bench==0.2.33
+    "$venv/bin/python" -m pip install -q --no-deps "${nodeps[@]}" >&2
   fi
 fi
 echo "$want" > "$stamp"

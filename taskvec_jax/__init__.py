@@ -69,3 +69,9 @@ __all__ = [
     "num_examples", "parallel", "second_order_term", "task_arithmetic_gap",
     "task_vector", "theory", "training", "tree",
 ]
+
+# Tangent space (issue 14): linearized models, empirical NTK, weight disentanglement.
+from taskvec_jax import tangent  # noqa: E402
+from taskvec_jax.tangent import linearize  # noqa: E402
+
+__all__ += ["linearize", "tangent"]

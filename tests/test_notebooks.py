@@ -12,9 +12,9 @@ from tests.experiment_env import subprocess_env
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist():
+def test_the_four_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == ["01_theorem.ipynb", "02_first_epoch.ipynb",
-                                           "03_merging.ipynb"]
+                                           "03_merging.ipynb", "04_tangent.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

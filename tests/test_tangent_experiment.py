@@ -1,0 +1,66 @@
+"""The tangent-space experiment's quick mode, end to end (one module-scoped run)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import tangent
+
+
+def _numbers(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _numbers(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from _numbers(v)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield x
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("tangent"))
+    tangent.main(["--quick", "--workdir", workdir])
+    with open(os.path.join(workdir, "results.json")) as f:
+        return workdir, json.load(f)
+
+
+def test_results_are_finite_and_figures_and_report_exist(run):
+    workdir, res = run
+    numbers = list(_numbers(res))
+    assert len(numbers) > 80 and all(math.isfinite(x) for x in numbers)
+    assert res["figures"] == ["disentanglement_0.png", "linear_paths.png"]
+    for name in res["figures"]:
+        with open(os.path.join(workdir, "figures", name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    report = open(os.path.join(workdir, "report.md")).read()
+    for section in ("## 1. Single-task", "## 2. Task arithmetic", "## 3. Weight",
+                    "## 4. Kernels", "## 5. Linear paths"):
+        assert section in report
+    assert report.count("2305.12827") >= 5
+
+
+def test_findings_are_consistent(run):
+    _, res = run
+    st = res["single_task"]
+    np.testing.assert_allclose(st["nonlinear_advantage"],
+                               np.subtract(st["nonlinear"], st["linearized"]), atol=1e-12)
+    for r in res["task_arithmetic"].values():
+        assert r["alpha"] in (0.3, 0.6, 1.0)
+        assert r["alpha"] == (0.3, 0.6, 1.0)[int(np.argmax(r["validation"]))]
+    pair = res["disentanglement"]["pairs"][0]
+    for kind in ("nonlinear", "linearized"):
+        xi = np.asarray(pair[kind])
+        assert xi.shape == (5, 5) and xi.min() >= 0 and xi.max() <= 2
+    overlap = np.asarray(res["kernels"]["overlap"])
+    np.testing.assert_allclose(np.diag(overlap), 1.0, atol=1e-5)
+    np.testing.assert_allclose(overlap, overlap.T, atol=1e-5)
+    # at lambda = 0 both paths are the base model: f_lin(theta_0) == f(theta_0)
+    paths = res["diagnostics"]["paths"]
+    for a, b in zip(paths["nonlinear"], paths["linearized"]):
+        assert a["own"][0] == b["own"][0]
+    assert res["diagnostics"]["barrier"]["accuracy_barrier"] >= 0
