@@ -3,7 +3,9 @@
 A soup averages whole models finetuned from the same start, not task vectors:
 ``soup = sum_i w_i * theta_i`` with ``w_i >= 0`` and ``sum_i w_i = 1``. Float leaves are
 averaged (sums run in at least float32 and are cast back); non-float leaves (step
-counters, integer buffers) are taken from ``models[0]``.
+counters, integer buffers) are taken from ``models[0]``. A model holding NaN or Inf is
+rejected (``ValueError`` naming the model index and leaf), so that a greedy soup never
+drops it silently and no average hides it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def uniform_soup(models: Sequence[PyTree]) -> PyTree:
         index and leaf path).
     """
     _common.check_models(models)
+    _common.check_finite(models, what="model")
     return _uniform_soup_jit(tuple(models))
 
 
@@ -109,6 +112,7 @@ def greedy_soup(models: Sequence[PyTree], score_fn: ScoreFn) -> GreedySoup:
       ValueError: for an empty sequence or mismatched models (naming index and path).
     """
     _common.check_models(models)
+    _common.check_finite(models, what="model")
     if not callable(score_fn):
         raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
     return _greedy_soup_jit(tuple(models), score_fn)
@@ -209,6 +213,7 @@ def learned_soup(models: Sequence[PyTree], loss_fn: Callable[[PyTree, PyTree], j
         negative ``num_steps`` or ``init_logits`` of the wrong shape.
     """
     _common.check_models(models)
+    _common.check_finite(models, what="model")
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose one of "
                          f"{GRANULARITIES}")
