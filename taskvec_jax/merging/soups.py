@@ -49,8 +49,9 @@ def uniform_soup(models: Sequence[PyTree]) -> PyTree:
       A model shaped like ``models[0]``, with its dtypes.
 
     Raises:
-      ValueError: for an empty sequence or models that do not match (naming the model
-        index and leaf path).
+      ValueError: for an empty sequence, models that do not match (naming the model
+        index and leaf path), or a model holding NaN/Inf (naming index and leaf; under
+        ``jit`` the NaN propagates into the average).
     """
     _common.check_models(models)
     _common.check_finite(models, what="model")
@@ -109,7 +110,10 @@ def greedy_soup(models: Sequence[PyTree], score_fn: ScoreFn) -> GreedySoup:
       A :class:`GreedySoup`.
 
     Raises:
-      ValueError: for an empty sequence or mismatched models (naming index and path).
+      ValueError: for an empty sequence, mismatched models (naming index and path), or a
+        model holding NaN/Inf (naming index and leaf). Under an outer ``jit`` that check
+        cannot run; a model whose score is NaN is then never added, and the returned
+        ``individual_scores`` show it.
     """
     _common.check_models(models)
     _common.check_finite(models, what="model")
@@ -209,8 +213,9 @@ def learned_soup(models: Sequence[PyTree], loss_fn: Callable[[PyTree, PyTree], j
       A :class:`LearnedSoup`.
 
     Raises:
-      ValueError: for an empty or mismatched list of models, an unknown granularity, a
-        negative ``num_steps`` or ``init_logits`` of the wrong shape.
+      ValueError: for an empty or mismatched list of models, a model holding NaN/Inf
+        (naming index and leaf), an unknown granularity, a negative ``num_steps`` or
+        ``init_logits`` of the wrong shape.
     """
     _common.check_models(models)
     _common.check_finite(models, what="model")
