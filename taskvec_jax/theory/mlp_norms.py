@@ -2,7 +2,8 @@
 
 :func:`mlp_weight_norms` reads the ``{"Dense_0": {"kernel", "bias"}, ...}`` layout (or a
 flax nnx state of ``nnx.Linear`` layers) and returns the spectral norms of the kernels and
-the Euclidean norms of the biases, the ``w_l`` and ``beta_l`` that :func:`taskvec_jax.theory.feedforward_bound` takes.
+the Euclidean norms of the biases, the ``w_l`` and ``beta_l`` that
+:func:`taskvec_jax.theory.feedforward_bound` takes.
 """
 
 from __future__ import annotations
