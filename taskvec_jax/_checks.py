@@ -109,11 +109,31 @@ def float_dtype(params: PyTree, *, name: str = "params",
         raise ValueError(f"{name} is empty: it has no array leaves")
     for path, leaf in leaves:
         if not tree_lib.is_float(leaf):
+            if _looks_like_nnx(params, path, leaf):
+                hint = ("this looks like flax nnx state (RNG counters or keys, or other "
+                        "non-parameter Variables): split the parameters out with "
+                        "`graphdef, params, rest = nnx.split(model, nnx.Param, ...)`, "
+                        "pass `params`, and rebuild the model inside loss_fn with "
+                        "`nnx.merge(graphdef, params, rest)`")
+            else:
+                hint = "keep non-trainable state in the batch or a closure"
             raise ValueError(
                 f"{name}: leaf '{path}' has dtype {jnp.result_type(leaf)}; {why}, so all "
-                "must be floating point (keep non-trainable state in the batch or a "
-                "closure)")
+                f"must be floating point ({hint})")
     return jnp.result_type(*[leaf for _, leaf in leaves])
+
+
+def _looks_like_nnx(tree: PyTree, path: str, leaf: Any) -> bool:
+    """A flax nnx ``State`` (found by its type's module: flax is never imported here), an
+    RNG stream's ``rngs/.../count`` or ``key`` leaf, or a typed PRNG key."""
+    if type(tree).__module__.startswith("flax.nnx"):
+        return True
+    parts = path.split("/")
+    if parts and parts[-1] == "value":
+        parts = parts[:-1]
+    if "rngs" in parts or (parts and parts[-1] in ("count", "key")):
+        return True
+    return jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key)
 
 
 def loss_is_scalar(loss_fn: Callable, params: PyTree, data: PyTree, size: int,

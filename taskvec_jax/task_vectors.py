@@ -27,81 +27,9 @@ PyTree = Any
 __all__ = ["apply", "check_compatible", "check_task_vectors", "task_vector"]
 
 
-def _describe(x: Any) -> str:
-    if x is None:
-        return "None"
-    shape = getattr(x, "shape", None)
-    dtype = getattr(x, "dtype", None)
-    if shape is None:
-        return f"{type(x).__name__}"
-    return f"shape {tuple(shape)} dtype {dtype}"
-
-
-def _leaf_map(tree: PyTree) -> dict[str, Any]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
-    return {tree_lib.path_str(p): leaf for p, leaf in flat}
-
-
-def check_compatible(
-    tree: PyTree,
-    reference: PyTree,
-    *,
-    name: str = "tree",
-    reference_name: str = "base",
-    check_dtype: bool = True,
-    allow_none: bool = True,
-) -> None:
-    """Raises ``ValueError`` unless ``tree`` matches ``reference`` leaf by leaf.
-
-    Checks, in order: the same leaf paths, then equal shapes, then (optionally) equal
-    dtypes. A ``None`` leaf in ``tree`` (a task vector's non-float position) matches a
-    non-float leaf of ``reference`` when ``allow_none`` is true.
-
-    Args:
-      tree: the tree to check (a finetuned model or a task vector).
-      reference: the tree it must match (usually the base model).
-      name: how ``tree`` is named in the message, e.g. ``"task vector 3"``.
-      reference_name: how ``reference`` is named in the message.
-      check_dtype: also require equal dtypes.
-      allow_none: accept ``None`` in ``tree`` where ``reference`` has a non-float leaf.
-
-    Raises:
-      ValueError: naming the first offending leaf path and both shapes/dtypes.
-    """
-    leaves = _leaf_map(tree)
-    ref_leaves = _leaf_map(reference)
-    if list(leaves) != list(ref_leaves):
-        missing = [p for p in ref_leaves if p not in leaves]
-        extra = [p for p in leaves if p not in ref_leaves]
-        parts = []
-        if missing:
-            parts.append(f"missing leaf '{missing[0]}' (present in {reference_name})"
-                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        if extra:
-            parts.append(f"unexpected leaf '{extra[0]}' (absent from {reference_name})"
-                         + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
-        if not parts:
-            parts.append("leaves are in a different order or container type")
-        raise ValueError(f"{name}: tree structure differs from {reference_name}: "
-                         + "; ".join(parts))
-    for path, leaf in leaves.items():
-        ref = ref_leaves[path]
-        if leaf is None or ref is None:
-            if leaf is None and ref is None:
-                continue
-            if leaf is None and allow_none and not tree_lib.is_float(ref):
-                continue
-            raise ValueError(f"{name}: leaf '{path}' is {_describe(leaf)}, "
-                             f"{reference_name} has {_describe(ref)}")
-        shape, ref_shape = jnp.shape(leaf), jnp.shape(ref)
-        if shape != ref_shape:
-            raise ValueError(f"{name}: leaf '{path}' has shape {shape}, "
-                             f"{reference_name} has {ref_shape}")
-        if check_dtype:
-            dtype, ref_dtype = jnp.result_type(leaf), jnp.result_type(ref)
-            if dtype != ref_dtype:
-                raise ValueError(f"{name}: leaf '{path}' has dtype {dtype}, "
-                                 f"{reference_name} has {ref_dtype}")
+# The one structure/shape/dtype comparison lives in the lowest layer (``tree``), so that
+# ``tree.cosine`` can name a mismatching leaf too; it is this module's public name.
+check_compatible = tree_lib.check_compatible
 
 
 def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
@@ -133,9 +61,21 @@ def apply(base: PyTree, task_vector: PyTree, alpha: float | jax.Array = 1.0) -> 
     kept.
     The result has the dtypes of ``base``.
 
+    Args:
+      base: the model.
+      task_vector: a tree shaped like ``base`` (``None`` at non-float leaves).
+      alpha: a real scalar (may be traced). One coefficient per task is a merge:
+        :func:`taskvec_jax.merging.task_arithmetic` with ``alpha=[...]``.
+
     Raises:
-      ValueError: on a structure, shape or dtype mismatch, naming the leaf path.
+      ValueError: on a structure, shape or dtype mismatch, naming the leaf path, or for
+        an ``alpha`` that is not a scalar (naming its shape).
     """
+    if jnp.ndim(alpha) != 0:
+        raise ValueError(
+            f"alpha must be a scalar, got shape {tuple(jnp.shape(alpha))}: apply adds one "
+            "scaled task vector; for one coefficient per task use "
+            "tvj.merging.task_arithmetic(base, task_vectors, alpha=[...])")
     check_compatible(task_vector, base, name="task vector", reference_name="base")
 
     def add_leaf(t, b):

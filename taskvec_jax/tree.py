@@ -8,7 +8,9 @@ everything a merging or theory routine needs. This module adds only what optax l
 * :func:`ravel` -- flatten a tree into one vector and get the inverse map back;
 * :func:`path_str` / :func:`leaves_with_paths` -- human-readable leaf names
   (``'params/Dense_0/kernel'``) for error messages and per-layer reports;
-* :func:`is_float` -- which leaves are differentiable parameters.
+* :func:`is_float` -- which leaves are differentiable parameters;
+* :func:`check_compatible` -- two trees leaf by leaf, the mismatch named by path (also
+  :func:`taskvec_jax.check_compatible`).
 
 Task vectors may hold ``None`` where the model holds a non-float leaf (a step counter,
 an integer buffer; see :func:`taskvec_jax.task_vector`). ``None`` is an empty subtree in
@@ -45,7 +47,7 @@ from optax.tree import (  # noqa: F401  (re-exported public surface)
 PyTree = Any
 
 __all__ = [
-    "add", "add_scale", "cast", "cosine", "div", "full_like", "is_float",
+    "add", "add_scale", "cast", "check_compatible", "cosine", "div", "full_like", "is_float",
     "leaves_with_paths", "max", "min", "mul", "norm", "ones_like", "path_str",
     "ravel", "scale", "size", "stack", "sub", "sum", "unstack", "vdot", "weighted_sum",
     "where", "zeros_like",
@@ -65,7 +67,14 @@ def cosine(tree_x: PyTree, tree_y: PyTree, eps: float = 0.0) -> jax.Array:
 
     Returns:
       A scalar array.
+
+    Raises:
+      ValueError: if the trees differ in structure or shapes (e.g. two architectures),
+        naming the first mismatching leaf path (:func:`check_compatible`; dtypes may
+        differ).
     """
+    check_compatible(tree_y, tree_x, name="tree_y", reference_name="tree_x",
+                     check_dtype=False)
     denom = norm(tree_x) * norm(tree_y)
     return vdot(tree_x, tree_y) / jnp.maximum(denom, eps)
 
@@ -173,3 +182,80 @@ def weighted_sum(trees, weights=None, *, start: PyTree | None = None) -> PyTree:
         else:
             out.append((r + a).astype(jnp.result_type(r)))
     return jax.tree.unflatten(treedef, out)
+
+
+def _describe(x: Any) -> str:
+    if x is None:
+        return "None"
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None:
+        return f"{type(x).__name__}"
+    return f"shape {tuple(shape)} dtype {dtype}"
+
+
+def _leaf_map(tree: PyTree) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    return {path_str(p): leaf for p, leaf in flat}
+
+
+def check_compatible(
+    tree: PyTree,
+    reference: PyTree,
+    *,
+    name: str = "tree",
+    reference_name: str = "base",
+    check_dtype: bool = True,
+    allow_none: bool = True,
+) -> None:
+    """Raises ``ValueError`` unless ``tree`` matches ``reference`` leaf by leaf.
+
+    Checks, in order: the same leaf paths, then equal shapes, then (optionally) equal
+    dtypes. A ``None`` leaf in ``tree`` (a task vector's non-float position) matches a
+    non-float leaf of ``reference`` when ``allow_none`` is true.
+
+    Args:
+      tree: the tree to check (a finetuned model or a task vector).
+      reference: the tree it must match (usually the base model).
+      name: how ``tree`` is named in the message, e.g. ``"task vector 3"``.
+      reference_name: how ``reference`` is named in the message.
+      check_dtype: also require equal dtypes.
+      allow_none: accept ``None`` in ``tree`` where ``reference`` has a non-float leaf.
+
+    Raises:
+      ValueError: naming the first offending leaf path and both shapes/dtypes.
+    """
+    leaves = _leaf_map(tree)
+    ref_leaves = _leaf_map(reference)
+    if list(leaves) != list(ref_leaves):
+        missing = [p for p in ref_leaves if p not in leaves]
+        extra = [p for p in leaves if p not in ref_leaves]
+        parts = []
+        if missing:
+            parts.append(f"missing leaf '{missing[0]}' (present in {reference_name})"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if extra:
+            parts.append(f"unexpected leaf '{extra[0]}' (absent from {reference_name})"
+                         + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+        if not parts:
+            parts.append("leaves are in a different order or container type")
+        raise ValueError(f"{name}: tree structure differs from {reference_name}: "
+                         + "; ".join(parts))
+    for path, leaf in leaves.items():
+        ref = ref_leaves[path]
+        if leaf is None or ref is None:
+            if leaf is None and ref is None:
+                continue
+            if leaf is None and allow_none and not is_float(ref):
+                continue
+            raise ValueError(f"{name}: leaf '{path}' is {_describe(leaf)}, "
+                             f"{reference_name} has {_describe(ref)}")
+        shape, ref_shape = jnp.shape(leaf), jnp.shape(ref)
+        if shape != ref_shape:
+            raise ValueError(f"{name}: leaf '{path}' has shape {shape}, "
+                             f"{reference_name} has {ref_shape}")
+        if check_dtype:
+            dtype, ref_dtype = jnp.result_type(leaf), jnp.result_type(ref)
+            if dtype != ref_dtype:
+                raise ValueError(f"{name}: leaf '{path}' has dtype {dtype}, "
+                                 f"{reference_name} has {ref_dtype}")

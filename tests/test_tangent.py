@@ -21,7 +21,7 @@ from taskvec_jax import tangent, tree
 from taskvec_jax.models import MLP, make_loss_fn
 from taskvec_jax.training import finetune
 
-from helpers import digits, init, max_abs_diff, rng_tree
+from tests.helpers import digits, init, max_abs_diff, rng_tree
 
 TOL = 1e-12
 

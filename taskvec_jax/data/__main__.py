@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 
 from taskvec_jax import data
 
-__all__ = ["main"]
+__all__ = ["main", "task_status"]
 
 
 def _list() -> int:
@@ -27,18 +29,42 @@ def _list() -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """Silences absl's warnings (tfds logs one per version folder it cannot read, which is
+    what "missing" already says)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def task_status(name: str, data_dir: str) -> str:
+    """One task's status: ``"ready (...)"`` with where it is read from, or ``"missing"``."""
+    spec = data.get_task(name)
+    if spec.source == "embedded":
+        try:
+            return f"ready (embedded: {data.embedded.source_file(spec.name)})"
+        except (ImportError, FileNotFoundError) as err:
+            return f"missing ({err})"
+    try:
+        with _quiet_absl():
+            prepared = data.find_prepared(spec, data_dir)
+        return f"ready ({prepared.origin}: {prepared.path})"
+    except data.DataNotFoundError:
+        return "missing"
+
+
 def _check(data_dir: str | None) -> int:
     data_dir = data.resolve_data_dir(data_dir)
     print(f"data_dir: {data_dir}")
-    for name in data.task_names():
-        spec = data.get_task(name)
-        if spec.source == "embedded":
-            continue
-        try:
-            prepared = data.find_prepared(spec, data_dir)
-            print(f"  {name:12s} ready ({prepared.origin}: {prepared.path})")
-        except data.DataNotFoundError:
-            print(f"  {name:12s} missing")
+    names = data.task_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"  {name:{width}s} {task_status(name, data_dir)}")
     return 0
 
 

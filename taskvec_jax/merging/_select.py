@@ -22,7 +22,10 @@ number of dropped outliers, ``count_of(outliers, n)`` (0 for ``outliers=0``).
 Ties. Entries are ranked by magnitude, largest first; equal magnitudes are ranked by
 position (the earlier entry in the order above ranks first). The kept set is the first
 ``k`` of that ranking, so exactly ``k`` entries are kept whatever the ties. ``-0.0`` and
-``0.0`` are equal; ``NaN`` ranks above ``inf``.
+``0.0`` are equal; ``NaN`` ranks above ``inf``. Masks are exact for any input, but
+:func:`keep_masked` (what trim, TIES and Breadcrumbs apply) keeps every non-finite entry
+so that NaN/Inf propagate under ``jit``; called eagerly, merges reject them first
+(:func:`taskvec_jax.merging._common.check_finite`).
 
 Algorithm. The ``k``-th largest magnitude of a group is found exactly by bisection on its
 bit pattern (non-negative IEEE floats order like their unsigned-integer bits): 31 (float32)
@@ -204,6 +207,13 @@ def band_masks(leaves: list[Any], density: float, outliers: float,
 
 
 def keep_masked(leaves: list[Any], masks: list[jax.Array | None]) -> list[Any]:
-    """``where(mask, x, 0)`` leaf by leaf; leaves whose mask is ``None`` are returned as is."""
-    return [x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))
+    """``where(mask | ~isfinite(x), x, 0)`` leaf by leaf; ``None`` masks keep the leaf.
+
+    Non-finite entries are always kept, whatever the mask, so that a NaN or Inf that
+    reaches a merge under ``jit`` (where :func:`taskvec_jax.merging._common.check_finite`
+    cannot raise) propagates to the output instead of being trimmed away (Breadcrumbs,
+    for one, drops the largest magnitudes, and NaN ranks largest). For finite inputs this
+    is ``where(mask, x, 0)``.
+    """
+    return [x if m is None else jnp.where(m | ~jnp.isfinite(x), x, jnp.zeros((), x.dtype))
             for x, m in zip(leaves, masks)]

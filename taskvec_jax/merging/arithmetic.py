@@ -64,7 +64,8 @@ def task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *args,
 
     Raises:
       ValueError: for an empty sequence, a task vector that does not match ``base``
-        (naming the task index and leaf path), or ``alpha`` of the wrong shape.
+        (naming the task index and leaf path), a NaN/Inf entry (naming task and leaf;
+        under ``jit`` it propagates), or ``alpha`` of the wrong shape.
     """
     if args:
         if len(args) > 1:
@@ -75,6 +76,7 @@ def task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *args,
                       DeprecationWarning, stacklevel=2)
         (alpha,) = args
     _common.flatten_tasks(task_vectors, base)
+    _common.check_finite(task_vectors)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
     return _add_weighted_jit(base, tuple(task_vectors), alphas)
 

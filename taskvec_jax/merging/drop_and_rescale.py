@@ -44,9 +44,11 @@ def dare(task_vector: PyTree, *, drop_rate: float | jax.Array, key: jax.Array,
       A tree shaped like ``task_vector`` with the same dtypes.
 
     Raises:
-      ValueError: for a concrete drop_rate outside ``[0, 1)`` or a non-scalar one.
+      ValueError: for a concrete drop_rate outside ``[0, 1)`` or a non-scalar one, or a
+        NaN/Inf entry (naming the leaf; under ``jit`` such entries are never dropped).
     """
     _check_drop_rate(drop_rate)
+    _common.check_finite([task_vector], names=["task_vector"])
     return _dare_jit(task_vector, drop_rate, key, rescale=bool(rescale))
 
 
@@ -75,7 +77,9 @@ def _drop_and_rescale(task_vector, drop_rate, key, rescale):
             # survivor is the correctly rounded x / (1 - p).
             one = jnp.ones((), x.dtype)
             x = x / jnp.where(keep, (1 - drop_rate).astype(x.dtype), one)
-        out.append(jnp.where(keep, x, jnp.zeros((), x.dtype)))
+        # Non-finite entries are never dropped: under jit they propagate (eagerly they
+        # were rejected by check_finite).
+        out.append(jnp.where(keep | ~jnp.isfinite(x), x, jnp.zeros((), x.dtype)))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -109,10 +113,11 @@ def dare_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *,
 
     Raises:
       ValueError: for an empty sequence, a task vector that does not match ``base``
-        (naming the task index and leaf path), alpha of the wrong shape, or a concrete
-        drop_rate outside ``[0, 1)``.
+        (naming the task index and leaf path), a NaN/Inf entry (naming task and leaf),
+        alpha of the wrong shape, or a concrete drop_rate outside ``[0, 1)``.
     """
     _common.flatten_tasks(task_vectors, base)
+    _common.check_finite(task_vectors)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
     _check_drop_rate(drop_rate)
     return _dare_task_arithmetic_jit(base, tuple(task_vectors), alphas, drop_rate, key,

@@ -90,8 +90,9 @@ def atm(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
       An :class:`ATMResult`.
 
     Raises:
-      ValueError: for a non-positive ``num_rounds``, an empty task list, or anything
-        :func:`taskvec_jax.finetune_tasks` rejects.
+      ValueError: for a non-positive ``num_rounds``, an empty task list, a NaN/Inf in
+        ``params`` or in a round's finetuned model (naming the round, task and leaf), or
+        anything :func:`taskvec_jax.finetune_tasks` rejects.
     """
     num_rounds = _checks.positive_int(num_rounds, "num_rounds")
     task_datasets = _checks.non_empty_sequence(task_datasets, "task_datasets",
@@ -106,6 +107,7 @@ def atm(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
     if unknown:
         raise TypeError(f"atm got unexpected arguments {unknown}; it passes keyword arguments "
                         "on to taskvec_jax.finetune_tasks")
+    _common.check_finite([params], names=["params"])
     finetune_kwargs.setdefault("keep_epochs", (num_epochs,))
     finetune_kwargs.setdefault("record_gradients", False)
 
@@ -117,7 +119,10 @@ def atm(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
         round_key = None if key is None else jax.random.fold_in(key, r)
         trajs = finetune_tasks(loss_fn, theta, task_datasets, optimizer,
                                             num_epochs, key=round_key, **finetune_kwargs)
-        theta = _merge_round(theta, [tr.final_params for tr in trajs], alpha)
+        finetuned = [tr.final_params for tr in trajs]
+        # A task that diverged in this round must not be averaged into the next start.
+        _common.check_finite(finetuned, what=f"round {r}: finetuned task")
+        theta = _merge_round(theta, finetuned, alpha)
         rounds.append(_common.flatten(theta)[0])
         losses.append(jnp.stack([tr.losses for tr in trajs]))
     stacked = [jnp.stack(xs) for xs in zip(*rounds)]

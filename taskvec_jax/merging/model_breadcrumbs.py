@@ -51,13 +51,16 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
       The merged model, shaped like ``base`` with its dtypes.
 
     Raises:
-      ValueError: empty input, mismatched trees (naming task and leaf path), fractions
-        out of range, an unknown scope, or alpha of the wrong shape.
+      ValueError: empty input, mismatched trees (naming task and leaf path), a NaN/Inf
+        entry (naming task and leaf; under ``jit`` it is kept, not dropped as an outlier,
+        and propagates), fractions out of range, an unknown scope, or alpha of the wrong
+        shape.
     """
     density = _common.check_density(density)
     outliers = _common.check_outliers(outliers, density)
     scope = _select.check_scope(scope)
     _common.flatten_tasks(task_vectors, base)
+    _common.check_finite(task_vectors)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
     if _common.is_traced((base, task_vectors, alphas)):
         return _breadcrumbs_graph(base, tuple(task_vectors), alphas, density=density,

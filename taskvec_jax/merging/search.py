@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from taskvec_jax import _checks
+from taskvec_jax import tree as tree_lib
+from taskvec_jax.merging import _common
 
 PyTree = Any
 
@@ -81,7 +83,9 @@ def coefficient_search(merge_fn: Callable[[jax.Array], PyTree], alphas: Any,
 
     Raises:
       ValueError: for an empty grid, no score functions, a ``finetuned_scores`` of the
-        wrong length, or a non-positive finetuned score.
+        wrong length, a non-positive finetuned score, or a grid point whose merged model
+        holds NaN/Inf (naming the grid index and leaf; a NaN *score* of a finite model is
+        kept in the table and never wins).
     """
     score_fns = _checks.non_empty_sequence(score_fns, "score_fns",
                                            item="score function per task")
@@ -102,12 +106,21 @@ def coefficient_search(merge_fn: Callable[[jax.Array], PyTree], alphas: Any,
 
     def evaluate(alpha):
         params = merge_fn(alpha)
-        return jnp.stack([jnp.asarray(fn(params)) for fn in score_fns])
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                    for x in jax.tree.leaves(params) if tree_lib.is_float(x)]
+                                   or [jnp.array(True)]))
+        return jnp.stack([jnp.asarray(fn(params)) for fn in score_fns]), finite
 
     if jit:
-        scores = jax.jit(lambda grid: lax.map(evaluate, grid))(alphas)
+        scores, finite = jax.jit(lambda grid: lax.map(evaluate, grid))(alphas)
     else:
-        scores = jnp.stack([evaluate(a) for a in alphas])
+        scores, finite = (jnp.stack(x) for x in zip(*[evaluate(a) for a in alphas]))
+    if not _common.is_traced(finite) and not bool(jnp.all(finite)):
+        # A non-finite merged model must not be skipped silently as a "NaN row"; merge
+        # that grid point again, eagerly, to name the leaf.
+        a = int(jnp.argmin(finite))
+        _common.check_finite([merge_fn(alphas[a])], names=[f"merge_fn(alphas[{a}])"])
+        raise ValueError(f"merge_fn(alphas[{a}]) returned a non-finite model")
     normalized = scores / finetuned
     mean_normalized = jnp.mean(normalized, axis=1)
     best = jnp.argmax(jnp.where(jnp.isnan(mean_normalized), -jnp.inf, mean_normalized))

@@ -3,7 +3,9 @@
 A soup averages whole models finetuned from the same start, not task vectors:
 ``soup = sum_i w_i * theta_i`` with ``w_i >= 0`` and ``sum_i w_i = 1``. Float leaves are
 averaged (sums run in at least float32 and are cast back); non-float leaves (step
-counters, integer buffers) are taken from ``models[0]``.
+counters, integer buffers) are taken from ``models[0]``. A model holding NaN or Inf is
+rejected (``ValueError`` naming the model index and leaf), so that a greedy soup never
+drops it silently and no average hides it.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def uniform_soup(models: Sequence[PyTree]) -> PyTree:
       A model shaped like ``models[0]``, with its dtypes.
 
     Raises:
-      ValueError: for an empty sequence or models that do not match (naming the model
-        index and leaf path).
+      ValueError: for an empty sequence, models that do not match (naming the model
+        index and leaf path), or a model holding NaN/Inf (naming index and leaf; under
+        ``jit`` the NaN propagates into the average).
     """
     _common.check_models(models)
+    _common.check_finite(models, what="model")
     return _uniform_soup_jit(tuple(models))
 
 
@@ -106,9 +110,13 @@ def greedy_soup(models: Sequence[PyTree], score_fn: ScoreFn) -> GreedySoup:
       A :class:`GreedySoup`.
 
     Raises:
-      ValueError: for an empty sequence or mismatched models (naming index and path).
+      ValueError: for an empty sequence, mismatched models (naming index and path), or a
+        model holding NaN/Inf (naming index and leaf). Under an outer ``jit`` that check
+        cannot run; a model whose score is NaN is then never added, and the returned
+        ``individual_scores`` show it.
     """
     _common.check_models(models)
+    _common.check_finite(models, what="model")
     if not callable(score_fn):
         raise ValueError(f"score_fn must be callable, got {type(score_fn).__name__}")
     return _greedy_soup_jit(tuple(models), score_fn)
@@ -205,10 +213,12 @@ def learned_soup(models: Sequence[PyTree], loss_fn: Callable[[PyTree, PyTree], j
       A :class:`LearnedSoup`.
 
     Raises:
-      ValueError: for an empty or mismatched list of models, an unknown granularity, a
-        negative ``num_steps`` or ``init_logits`` of the wrong shape.
+      ValueError: for an empty or mismatched list of models, a model holding NaN/Inf
+        (naming index and leaf), an unknown granularity, a negative ``num_steps`` or
+        ``init_logits`` of the wrong shape.
     """
     _common.check_models(models)
+    _common.check_finite(models, what="model")
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose one of "
                          f"{GRANULARITIES}")

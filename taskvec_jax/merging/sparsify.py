@@ -61,12 +61,13 @@ def magnitude_mask(task_vector: PyTree, *, density: float, outliers: float = 0.0
       A tree shaped like ``task_vector`` with boolean leaves (``None`` at non-float leaves).
 
     Raises:
-      ValueError: for a density or outliers fraction out of range or traced, or an
-        unknown scope.
+      ValueError: for a density or outliers fraction out of range or traced, an
+        unknown scope, or a NaN/Inf entry (naming the leaf).
     """
     density = _common.check_density(density)
     outliers = _common.check_outliers(outliers, density)
     scope = _select.check_scope(scope)
+    _common.check_finite([task_vector], names=["task_vector"])
     return _magnitude_mask_jit(task_vector, density=density, outliers=outliers, scope=scope)
 
 
@@ -99,11 +100,13 @@ def trim(task_vector: PyTree, *, density: float, scope: str = "global",
       A tree shaped like ``task_vector`` with the same dtypes.
 
     Raises:
-      ValueError: for a density out of ``(0, 1]``, bad outliers, or an unknown scope.
+      ValueError: for a density out of ``(0, 1]``, bad outliers, an unknown scope, or a
+        NaN/Inf entry (naming the leaf; under ``jit`` non-finite entries are kept).
     """
     density = _common.check_density(density)
     outliers = _common.check_outliers(outliers, density)
     scope = _select.check_scope(scope)
+    _common.check_finite([task_vector], names=["task_vector"])
     return _trim_jit(task_vector, density=density, outliers=outliers, scope=scope)
 
 

@@ -86,8 +86,9 @@ def ties_task_vector(task_vectors: Sequence[PyTree], *, density: float = 0.2,
 
     Raises:
       ValueError: empty input, mismatched trees (naming task and leaf path), complex
-        leaves, a density outside ``(0, 1]``, an unknown scope, merge or consensus, or
-        alpha of the wrong shape.
+        leaves, a NaN/Inf entry (naming task and leaf; under ``jit`` it propagates to the
+        output instead), a density outside ``(0, 1]``, an unknown scope, merge or
+        consensus, or alpha of the wrong shape.
     """
     density = _common.check_density(density)
     scope = _select.check_scope(scope)
@@ -97,6 +98,7 @@ def ties_task_vector(task_vectors: Sequence[PyTree], *, density: float = 0.2,
         raise ValueError(f"unknown consensus {consensus!r}; choose one of {CONSENSUS}")
     _, task_leaves = _common.flatten_tasks(task_vectors)
     _check_real(task_leaves, _common.leaf_paths(task_vectors[0]), "TIES")
+    _common.check_finite(task_vectors)
     alphas = None if alpha is None else _common.per_task_alpha(alpha, len(task_vectors))
     options = dict(density=density, scope=scope, merge=merge, consensus=consensus)
     if _common.is_traced((task_vectors, alphas)):
@@ -177,6 +179,8 @@ def _ties_finish(state, like, *, merge, consensus="mass"):
         else:    # compare the unsigned counts directly: no subtraction to wrap around
             up, down = pos_n[i] > neg_n[i], pos_n[i] < neg_n[i]
         merged = jnp.where(up, p, jnp.where(down, q, jnp.zeros((), p.dtype)))
+        # A NaN (or +Inf meeting -Inf) elects no sign; propagate it, never hide it.
+        merged = jnp.where(jnp.isnan(pos[i] + neg[i]), jnp.nan, merged)
         out.append(merged.astype(x.dtype))
     return jax.tree.unflatten(treedef, out)
 

@@ -50,10 +50,14 @@ HESSIAN_AT = ("current", "previous")
 _WHY = "the theory differentiates every leaf"
 
 
-def _validate(task_datasets, num_epochs, params):
+def _validate(task_datasets, num_epochs, params, loss_fn):
     datasets = _checks.task_datasets(task_datasets)
     num_epochs = _checks.positive_int(num_epochs, "num_epochs")
     dtype = _checks.float_dtype(params, why=_WHY)
+    # By shape only: a per-example loss would otherwise fail deep inside jax.grad.
+    for t, data in enumerate(datasets):
+        _checks.loss_is_scalar(loss_fn, params, data, _checks.num_examples(data),
+                               f"task {t}")
     return datasets, num_epochs, dtype
 
 
@@ -140,7 +144,7 @@ def task_arithmetic_gap(loss_fn: LossFn, params: PyTree, task_datasets: Sequence
     Returns:
       A :class:`TaskArithmeticGap`.
     """
-    datasets, num_epochs, dtype = _validate(task_datasets, num_epochs, params)
+    datasets, num_epochs, dtype = _validate(task_datasets, num_epochs, params, loss_fn)
     lr = learning_rate
     options = dict(batch_size=batch_size, microbatch_size=microbatch_size, key=key,
                    drop_remainder=drop_remainder, progress=progress, mesh=mesh,
@@ -188,7 +192,7 @@ def multitask_gd(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[PyTree
     Returns:
       A pytree whose leaves have a leading axis of length ``K + 1`` (index 0 = ``theta_0``).
     """
-    datasets, num_epochs, _ = _validate(task_datasets, num_epochs, params)
+    datasets, num_epochs, _ = _validate(task_datasets, num_epochs, params, loss_fn)
     return _multitask_gd(loss_fn, params, datasets, learning_rate, alpha, num_epochs,
                          microbatch_size)
 
@@ -287,7 +291,7 @@ def second_order_term(loss_fn: LossFn, params: PyTree, task_datasets: Sequence[P
     Returns:
       ``C_K`` (a pytree shaped like ``params``), or all ``C_k`` if ``all_epochs``.
     """
-    datasets, num_epochs, _ = _validate(task_datasets, num_epochs, params)
+    datasets, num_epochs, _ = _validate(task_datasets, num_epochs, params, loss_fn)
     if hessian_at not in HESSIAN_AT:
         raise ValueError(f"hessian_at must be one of {HESSIAN_AT}, got {hessian_at!r}")
     cs = _second_order(loss_fn, params, datasets, learning_rate, alpha, num_epochs, hessian_at,
@@ -336,7 +340,7 @@ def trajectory_curvature(loss_fn: LossFn, params: PyTree,
       A :class:`TrajectoryCurvature`.
     """
     max_steps = _checks.renamed(max_iters, "max_iters", max_steps, "max_steps", 500)
-    datasets, num_epochs, _ = _validate(task_datasets, num_epochs, params)
+    datasets, num_epochs, _ = _validate(task_datasets, num_epochs, params, loss_fn)
     return _trajectory_curvature(loss_fn, params, datasets, learning_rate, alpha,
                                  num_epochs, key, tol, max_steps, microbatch_size)
 

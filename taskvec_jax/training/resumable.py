@@ -4,24 +4,35 @@ A run saves ``(params, opt_state)`` and its loss log every ``save_every`` epochs
 crash-safe :func:`taskvec_jax.checkpoint.save` version (docs/durability.md) and continues
 from the latest complete save when called again. Shuffles depend on the absolute epoch, so an interrupted and resumed
 run ends bit for bit where the uninterrupted one ends.
+
+A resumed run must be the same run. The JSON log beside the state holds a fingerprint
+(:func:`run_fingerprint`) of the data (leaf shapes and dtypes, a SHA-256 of the contents),
+the optimizer (its state's tree structure and the constants its functions close over: the
+hyperparameters), the loss (its qualified name and a SHA-256 of its jaxpr on the data's
+shapes, which includes the numbers it captures) and the configuration that changes the
+result (``batch_size``, ``drop_remainder``); a resume whose fingerprint differs is
+refused, naming what changed, before any state is read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from taskvec_jax import _checks
+from taskvec_jax import tree as tree_lib
 from taskvec_jax.checkpoint import exists, restore, save
 from taskvec_jax.training import finetune
 
 PyTree = Any
 
-__all__ = ["RunState", "resumable_finetune"]
+__all__ = ["RunState", "resumable_finetune", "run_fingerprint"]
 
 
 class RunState(NamedTuple):
@@ -38,6 +49,71 @@ def _key_data(key):
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return np.asarray(jax.random.key_data(key))
     return np.asarray(key)
+
+
+def run_fingerprint(loss_fn: Callable, params: PyTree, data: PyTree,
+                    optimizer: optax.GradientTransformation, *,
+                    batch_size: int | None = None, drop_remainder: bool = False) -> dict:
+    """What identifies a finetuning run, as JSON: ``{"data", "optimizer", "loss", "config"}``.
+
+    * ``data``: every leaf's path, shape and dtype, and a SHA-256 of the contents (one
+      pass over the data on the host);
+    * ``optimizer``: the tree structure of ``optimizer.init(params)`` (by shape only) and
+      the constants its functions close over (hyperparameters, schedules);
+    * ``loss``: ``loss_fn``'s qualified name and a SHA-256 of its jaxpr on ``params`` and
+      the data's shapes (captured numbers appear in it; the jaxpr's constants are hashed);
+    * ``config``: ``batch_size`` and ``drop_remainder`` (``num_epochs`` may grow between
+      calls, ``microbatch_size`` and ``save_every`` do not change the result; the PRNG
+      key is checked on its own).
+    """
+    leaves = tree_lib.leaves_with_paths(data)
+    shapes = [[path, list(np.shape(x)), str(jnp.result_type(x))] for path, x in leaves]
+    opt_state = jax.eval_shape(optimizer.init, params)
+    sample = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
+                          data)
+    closed = jax.make_jaxpr(loss_fn)(params, sample)
+    jaxpr_hash = hashlib.sha256(str(closed.jaxpr).encode())
+    jaxpr_hash.update(_sha256_arrays([c for c in closed.consts
+                                      if hasattr(c, "shape")]).encode())
+    return {
+        "data": {"leaves": shapes, "sha256": _sha256_arrays([x for _, x in leaves])},
+        "optimizer": {"state": str(jax.tree.structure(opt_state)),
+                      "state_shapes": [[list(x.shape), str(x.dtype)]
+                                       for x in jax.tree.leaves(opt_state)],
+                      "constants": _constants(optimizer)},
+        "loss": {"name": getattr(loss_fn, "__qualname__", type(loss_fn).__name__),
+                 "jaxpr_sha256": jaxpr_hash.hexdigest()},
+        "config": {"batch_size": batch_size, "drop_remainder": bool(drop_remainder)},
+    }
+
+
+_WHAT = {"data": "the data", "optimizer": "the optimizer", "loss": "the loss function",
+         "config": "the configuration"}
+
+
+def _mismatch(saved: dict, now: dict) -> str | None:
+    """A sentence naming what differs between two fingerprints (``None``: the same run)."""
+    changed = []
+    for part, what in _WHAT.items():
+        a, b = saved.get(part), now.get(part)
+        if a == b:
+            continue
+        if part == "data":
+            detail = ("leaf shapes/dtypes differ" if a.get("leaves") != b.get("leaves")
+                      else "same shapes, different contents")
+        elif part == "optimizer":
+            detail = ("its state has a different structure" if
+                      (a.get("state"), a.get("state_shapes")) !=
+                      (b.get("state"), b.get("state_shapes"))
+                      else "different hyperparameters")
+        elif part == "loss":
+            detail = (f"{a.get('name')} -> {b.get('name')}" if a.get("name") != b.get("name")
+                      else "same name, different computation or captured numbers")
+        else:
+            detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(b)
+                               if a.get(k) != b.get(k))
+        changed.append(f"{what} changed ({detail})")
+    return "; ".join(changed) or None
 
 
 def resumable_finetune(
@@ -76,13 +152,20 @@ def resumable_finetune(
       ``(RunState, losses)`` with the per-epoch losses of all epochs run so far.
 
     Raises:
-      ValueError: if the checkpoint is past ``num_epochs`` or was made with another key.
+      ValueError: if the checkpoint is past ``num_epochs``, was made with another key, or
+        by another run: different data, optimizer, loss or configuration (the message
+        names which; see :func:`run_fingerprint`). Checkpoints written before
+        fingerprints existed are resumed with the key check only.
     """
     _checks.positive_int(save_every, "save_every")
     _checks.positive_int(num_epochs, "num_epochs")
     directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     key_data = _key_data(key)
     state = RunState(params, optimizer.init(params), 0)
+    # Through a JSON round trip, so that it compares equal to what is read back.
+    fingerprint = json.loads(json.dumps(run_fingerprint(
+        loss_fn, params, data, optimizer, batch_size=batch_size,
+        drop_remainder=drop_remainder)))
     losses: list[float] = []
     old_steps = sorted(n for n in (os.listdir(directory) if os.path.isdir(directory) else ())
                        if n.isdigit())
@@ -91,9 +174,23 @@ def resumable_finetune(
                          f"CheckpointManager steps {old_steps}); finish it with that version "
                          "or pass a new directory")
     if exists(directory):
-        restored, log = restore(directory, like={"params": state.params,
-                                                 "opt_state": state.opt_state},
-                                return_metadata=True)
+        like = {"params": state.params, "opt_state": state.opt_state}
+        try:
+            restored, log = restore(directory, like=like, return_metadata=True)
+        except ValueError as err:
+            # A different run (e.g. another optimizer) does not match this run's template:
+            # read the log without one, so the message says what changed.
+            try:
+                _, log = restore(directory, return_metadata=True)
+            except ValueError:
+                raise err from None
+            changed = (isinstance(log, dict) and "fingerprint" in log
+                       and _mismatch(log["fingerprint"], fingerprint))
+            if changed:
+                raise ValueError(f"{directory} holds another run's checkpoint: {changed}. "
+                                 "Resume with the same data, optimizer, loss and "
+                                 "configuration, or use a new directory") from err
+            raise
         if not isinstance(log, dict) or "epoch" not in log:
             raise ValueError(f"{directory} holds a checkpoint not written by "
                              "resumable_finetune; pass another directory")
@@ -106,6 +203,11 @@ def resumable_finetune(
                 saved_key is not None and not np.array_equal(saved_key, key_data)):
             raise ValueError(f"{directory} was written with a different PRNG key; "
                              "resuming with another key would change the shuffles")
+        changed = ("fingerprint" in log) and _mismatch(log["fingerprint"], fingerprint)
+        if changed:
+            raise ValueError(f"{directory} holds another run's checkpoint: {changed}. "
+                             "Resume with the same data, optimizer, loss and "
+                             "configuration, or use a new directory")
         state = RunState(restored["params"], restored["opt_state"], latest)
         losses = list(log["losses"])
     while state.epoch < num_epochs:
@@ -121,5 +223,6 @@ def resumable_finetune(
         save(directory, {"params": state.params, "opt_state": state.opt_state},
              overwrite=True, max_to_keep=max_to_keep,
              metadata={"epoch": state.epoch, "losses": losses,
-                       "key": None if key_data is None else key_data.tolist()})
+                       "key": None if key_data is None else key_data.tolist(),
+                       "fingerprint": fingerprint})
     return state, np.asarray(losses)
