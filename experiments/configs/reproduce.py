@@ -40,7 +40,11 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     # training with the optimizer the task-vector literature uses (Adam; ATM uses it too)
     c.finetune = ml_collections.ConfigDict(dict(
         full_batch_lr=0.02, full_batch_epochs=128,
-        minibatch_optimizer="adam", minibatch_lr=1e-3, minibatch_epochs=32, batch_size=64))
+        minibatch_optimizer="adam", minibatch_lr=1e-3, minibatch_epochs=32, batch_size=64,
+        # the paper's optimizer knobs (experiments/paper/setup.py: minibatch_optimizer):
+        # decoupled weight decay (adamw only), global-norm clipping (None: off), and a
+        # "constant" or "cosine" learning rate after warmup_steps of linear warmup
+        weight_decay=0.0, clip_norm=placeholder(float), schedule="constant", warmup_steps=0))
     # ---- Theorem 1 on this model: lrs for the eta^2 law, epochs k = 1..theorem_epochs
     c.theorem = ml_collections.ConfigDict(dict(
         lrs=(0.004, 0.002, 0.001, 0.0005), epochs=3, alpha=0.5, num_tasks=3))

@@ -12,7 +12,7 @@ import optax
 import taskvec_jax as tvj
 from experiments.cli import write_json
 from experiments.paper import dominance, merging_study, report, theorem, trajectories
-from experiments.paper.setup import build, log, minibatch_optimizer
+from experiments.paper.setup import build, log, minibatch_optimizer, steps_per_epoch
 
 
 def finetune_all(setup):
@@ -24,8 +24,11 @@ def finetune_all(setup):
                               optax.sgd(f.full_batch_lr), f.full_batch_epochs)
     log(f"finetuning {len(setup.train)} tasks: minibatch {f.minibatch_optimizer}, "
         f"{f.minibatch_epochs} epochs (lr {f.minibatch_lr}, batch {f.batch_size})")
+    # one schedule length for every task: the largest task's number of steps
+    steps = max(steps_per_epoch(d["label"].shape[0], f.batch_size) for d in setup.train)
     mini = tvj.finetune_tasks(setup.loss_fn, setup.base, setup.train,
-                              minibatch_optimizer(setup.config), f.minibatch_epochs,
+                              minibatch_optimizer(setup.config, steps * f.minibatch_epochs),
+                              f.minibatch_epochs,
                               batch_size=f.batch_size,
                               key=jax.random.key(setup.config.seed + 3))
     return {"full_batch": full, "minibatch": mini}
