@@ -181,3 +181,38 @@ def test_optimizer_knobs_reject_bad_values(update, message):
     cfg.finetune.update(update)
     with pytest.raises(ValueError, match=message):
         minibatch_optimizer(cfg)
+
+
+def test_regime_sweep_vmapped_over_learning_rates_equals_separate_runs():
+    import jax
+    import optax
+    import taskvec_jax as tvj
+    from experiments.configs.reproduce import get_config
+    from experiments.paper.regime import regime_optimizer, sweep_learning_rates
+    from taskvec_jax import analysis
+    from taskvec_jax.models import MLP, accuracy, make_loss_fn
+    from tests.helpers import digits, init
+    data = jax.tree.map(lambda x: x.astype("float32") if x.dtype.kind == "f" else x,
+                        digits(60))
+    model = MLP((8, 10), "tanh")
+    params = init(model, data)
+    cfg = get_config("quick")
+    cfg.finetune.update(dict(minibatch_optimizer="adamw", weight_decay=0.1, clip_norm=10.0))
+    loss, key = make_loss_fn(model), jax.random.key(0)
+    acc = lambda p, d: accuracy(model, p, d)  # noqa: E731
+    lrs = [1e-3, 3e-2]
+    shares, cos, move, val = sweep_learning_rates(
+        loss, params, data, regime_optimizer(cfg), lrs, 4, batch_size=15, key=key,
+        accuracy=acc, validation=data)
+    assert shares.shape == (2, 4) and cos.shape == (2, 3) and val.shape == (2, 5)
+    for i, lr in enumerate(lrs):
+        opt = optax.chain(optax.clip_by_global_norm(10.0), optax.adamw(lr, weight_decay=0.1))
+        t = tvj.finetune(loss, params, data, opt, 4, batch_size=15, key=key)
+        np.testing.assert_allclose(shares[i], analysis.normalized_contributions(t),
+                                   rtol=1e-4)
+        np.testing.assert_allclose(cos[i], analysis.cosines_to_first_epoch(t, 4),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(move[i], analysis.relative_movement(t.final_params,
+                                                                       params), rtol=1e-4)
+        assert float(val[i, -1]) == pytest.approx(float(acc(t.final_params, data)))
+    assert move[1] > 5 * move[0]    # the larger rate moves much further

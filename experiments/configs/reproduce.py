@@ -49,7 +49,15 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.theorem = ml_collections.ConfigDict(dict(
         lrs=(0.004, 0.002, 0.001, 0.0005), epochs=3, alpha=0.5, num_tasks=3))
     # ---- first-epoch dominance: cosine matrix over the first epochs
-    c.dominance = ml_collections.ConfigDict(dict(cosine_epochs=8))
+    # (first-epoch share also for the run cut at each prefix E, and at the plateau epoch:
+    # the first whose validation accuracy is within plateau_tolerance of the run's best)
+    c.dominance = ml_collections.ConfigDict(dict(cosine_epochs=8, prefixes=(4, 5, 8),
+                                                 plateau_tolerance=0.01))
+    # ---- regime map: minibatch finetunes of the first num_tasks tasks at every (learning
+    # rate, batch size), vmapped over the learning rates (experiments/paper/regime.py)
+    c.regime = ml_collections.ConfigDict(dict(
+        learning_rates=(1e-5, 1e-4, 1e-3, 3e-3), batch_sizes=(16, 64), epochs=8,
+        num_tasks=2))
     # ---- merging task vectors after these epochs (and at convergence)
     c.merging = ml_collections.ConfigDict(dict(
         methods=("task_arithmetic", "ties", "dare", "breadcrumbs"),
@@ -71,6 +79,8 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
                               trajectories=("minibatch",)))
         c.atm.rounds = 4
         c.dominance.cosine_epochs = 5
+        c.regime.update(dict(learning_rates=(1e-4, 1e-3), batch_sizes=(32,), epochs=4,
+                             num_tasks=1))
         c.pca_epochs = (0, 1, 2, 4, 8)
     elif name == "vision8":
         # The paper's setting on its datasets (prepare them first: python -m

@@ -11,7 +11,8 @@ import optax
 
 import taskvec_jax as tvj
 from experiments.cli import write_json
-from experiments.paper import dominance, merging_study, report, theorem, trajectories
+from experiments.paper import (dominance, merging_study, regime, report, theorem,
+                               trajectories)
 from experiments.paper.setup import build, log, minibatch_optimizer, steps_per_epoch
 
 
@@ -58,6 +59,11 @@ def run(config, workdir: str) -> dict:
         log(f"  {mode}: mean first-epoch share {d['mean_first_epoch_share']:.3f}, mean cos "
             f"(first 5 epochs) {d['mean_cos_first5']:.3f}")
 
+    g = config.regime
+    log(f"regime map: {len(g.learning_rates)} learning rates (vmapped) x "
+        f"{len(g.batch_sizes)} batch sizes, {g.num_tasks} tasks, {g.epochs} epochs")
+    reg = regime.run(setup, workdir)
+
     log("merging after k epochs vs at convergence")
     merge_res, merged_models = merging_study.run(setup, trajs, workdir, key)
     multitask, mt_trajs = {}, {}
@@ -102,7 +108,8 @@ def run(config, workdir: str) -> dict:
                   "base_test": merge_res["base_test"],
                   "finetuned_test": {m: acc([t.final_params for t in trajs[m]], setup.test)
                                      for m in trajs}},
-        "theorem": th, "dominance": dom, "merging": merge_res, "multitask": multitask,
+        "theorem": th, "dominance": dom, "regime": reg, "merging": merge_res,
+        "multitask": multitask,
         "atm": atm_res, "trajectories": traj_res,
     }
     results["elapsed_s"] = time.time() - start
