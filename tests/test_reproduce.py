@@ -216,3 +216,21 @@ def test_regime_sweep_vmapped_over_learning_rates_equals_separate_runs():
                                                                        params), rtol=1e-4)
         assert float(val[i, -1]) == pytest.approx(float(acc(t.final_params, data)))
     assert move[1] > 5 * move[0]    # the larger rate moves much further
+
+
+def test_readme_section_is_generated_from_results(quick_run):
+    from experiments.paper import readme
+    workdir, _ = quick_run
+    results = json.loads((workdir / "results.json").read_text())
+    text = (ROOT and open(f"{ROOT}/README.md").read())
+    new = readme.rewrite(text, readme.render(results))
+    section = new[new.index(readme.HEADING):]
+    section = section[:section.index("\n## ", 1)]
+    assert f"{results['elapsed_s']:.0f} s" in section
+    for row in results["findings"]:
+        assert row["verdict"] in section
+    # the rest of README is untouched, and rewriting twice changes nothing
+    assert new[:new.index(readme.HEADING)] == text[:text.index(readme.HEADING)]
+    assert new[new.index("\n## ", new.index(readme.HEADING)):] == \
+        text[text.index("\n## ", text.index(readme.HEADING)):]
+    assert readme.rewrite(new, readme.render(results)) == new

@@ -173,3 +173,33 @@ def plot(settings: list[dict], epochs: int, path: str) -> str:
     plotting.save(fig, path)
     plt.close(fig)
     return path
+
+
+def main(argv=None) -> int:
+    """The regime map alone (base model cached in the workdir), e.g. the measurement that
+    chose the default main job::
+
+        python -m experiments.paper.regime --workdir=results/regime \\
+            --config.regime.batch_sizes='(16,)' --config.regime.epochs=12
+
+    Writes ``regime.json`` and ``figures/regime_map.png`` under the workdir.
+    """
+    import sys
+
+    from experiments import cli
+    from experiments.paper.setup import build
+    args = cli.parse(sys.argv[1:] if argv is None else argv,
+                     default_config=cli.config_path("reproduce"),
+                     description="The regime map of first-epoch dominance.")
+    workdir = os.path.abspath(args.workdir or os.path.join("results", "regime"))
+    os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+    setup = build(args.config, workdir)
+    res = run(setup, workdir)
+    cli.write_json(os.path.join(workdir, "regime.json"), res, allow_nan=True)
+    from experiments.paper.report import regime_section
+    print("\n".join(regime_section(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
