@@ -150,8 +150,8 @@ def test_schedule_and_warmup_reach_optax():
     from experiments.configs.reproduce import get_config
     from experiments.paper.setup import learning_rate_schedule, minibatch_optimizer
     cfg = get_config("quick")
-    cfg.finetune.update(dict(minibatch_optimizer="sgd", minibatch_lr=0.1,
-                             schedule="cosine", warmup_steps=2))
+    cfg.finetune.update(dict(minibatch_optimizer="sgd", minibatch_lr=0.1, weight_decay=0.0,
+                             clip_norm=None, schedule="cosine", warmup_steps=2))
     sched = learning_rate_schedule(cfg, num_steps=10)
     expected = optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10, end_value=0.0)
     for step in range(11):

@@ -113,6 +113,9 @@ def run(config, workdir: str) -> dict:
         "atm": atm_res, "trajectories": traj_res,
     }
     results["elapsed_s"] = time.time() - start
+    # the timing depends on what else the machine runs: say how loaded it was
+    results["setup"]["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") \
+        else None
     results["findings"] = report.findings(results)
     # allow_nan: a failed fit (e.g. a slope over zero gaps) is written as NaN and shown as
     # n/a in the report, rather than losing the whole run.
