@@ -135,7 +135,13 @@ def summarize(settings: list[dict]) -> dict:
     high = [s for s in settings if s["cosine_above"]]
     both = [s for s in band if s["cosine_above"]]
     rng = lambda xs: [float(min(xs)), float(max(xs))] if xs else None  # noqa: E731
+    plateau_band = [s for s in settings
+                    if SHARE_BAND[0] <= s["share_at_plateau"] <= SHARE_BAND[1]]
     return {"num_settings": len(settings), "num_share_in_band": len(band),
+            "num_share_at_plateau_in_band": len(plateau_band),
+            "num_both_at_plateau": sum(s["cosine_above"] for s in plateau_band),
+            "cosine_range_when_plateau_share_in_band": rng(
+                [s["mean_cos_to_first"] for s in plateau_band]),
             "num_cosine_above": len(high), "num_both": len(both),
             "cosine_range_when_share_in_band": rng([s["mean_cos_to_first"] for s in band]),
             "movement_range_when_cosine_above": rng([s["relative_movement"] for s in high]),
@@ -159,12 +165,15 @@ def plot(settings: list[dict], epochs: int, path: str) -> str:
                        label="paper's cosine > 0.8")
         else:
             ax.set_xscale("log")
+            # minor-tick labels of a short log axis overlap each other
+            ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
         for j, b in enumerate(batch_sizes):
             pts = [s for s in settings if s["batch_size"] == b]
             sc = ax.scatter([s[key] for s in pts], [s["first_epoch_share"] for s in pts],
                             c=[s["learning_rate"] for s in pts], norm=norm, cmap="viridis",
                             marker=markers[j % len(markers)], s=60, edgecolors="k",
                             label=f"{pts[0]['steps_per_epoch']:.0f} steps/epoch")
+        ax.set_ylim(0.0, 1.0)
         ax.set_xlabel(label)
         ax.set_ylabel(f"first-epoch share ({epochs} epochs)")
         ax.legend(fontsize=7)
