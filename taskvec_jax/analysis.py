@@ -8,7 +8,15 @@ Sec. 5) and the authors' public code:
   ``||theta^(e) - theta^(e-1)|| / sum_j ||theta^(j) - theta^(j-1)||``;
 * direction consistency is the cosine matrix ``cos(g_i, g_j)`` between epoch gradients,
   where an epoch's gradient is the sum of its steps' gradients (for full-batch GD, the one
-  gradient; :attr:`taskvec_jax.Trajectory.epoch_gradients`).
+  gradient; :attr:`taskvec_jax.Trajectory.epoch_gradients`); the paper plots the row
+  ``cos(g_1, g_e)`` against epoch 1 (:func:`cosines_to_first_epoch`).
+
+The first-epoch share depends on the run's length (the same first step is a smaller part
+of a longer path), so the reproduction also reports it for the run cut at ``E`` epochs
+(:func:`prefix_first_epoch_shares`) and at the epoch where validation accuracy plateaus
+(:func:`plateau_epoch`), and how far the run moved, ``||tau|| / ||theta_0||``
+(:func:`relative_movement`): the lazy regime where gradients stay aligned is the one where
+parameters move little.
 
 All functions take *stacked* trees (every leaf with a leading axis of ``M`` points) and
 work through ``M x M`` Gram matrices, so they never form a ``P x P`` matrix or even one
@@ -17,17 +25,20 @@ flattened ``M x P`` copy of the parameters.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from taskvec_jax import tree
 from taskvec_jax.training import Trajectory
 
 PyTree = Any
 
-__all__ = ["PCA", "cosine_matrix", "epoch_displacements", "epoch_gradient_cosines", "gram",
-           "normalized_contributions", "pca", "project"]
+__all__ = ["PCA", "cosine_matrix", "cosines_to_first_epoch", "epoch_displacements",
+           "epoch_gradient_cosines", "gram", "normalized_contributions", "pca",
+           "plateau_epoch", "prefix_first_epoch_shares", "project", "relative_movement"]
 
 
 def _num_points(stacked: PyTree) -> int:
@@ -93,6 +104,95 @@ def epoch_gradient_cosines(traj: Trajectory) -> jax.Array:
         raise ValueError("this trajectory has no epoch gradients (finetune with "
                          "record_gradients=True)")
     return cosine_matrix(traj.epoch_gradients)
+
+
+def prefix_first_epoch_shares(traj_params: PyTree | Trajectory,
+                              prefixes: Sequence[int]) -> jax.Array:
+    """The first epoch's share of the path of the run cut at ``E`` epochs, per ``E``.
+
+    ``share_1(E) = d_1 / sum_{j=1}^{E} d_j`` with ``d_j = ||theta^(j) - theta^(j-1)||``
+    (:func:`epoch_displacements`); ``share_1(E_total)`` is
+    ``normalized_contributions(...)[0]``. A prefix is the same run stopped earlier, which is
+    what a shorter run with a constant learning rate would have produced.
+
+    Args:
+      traj_params: a :class:`Trajectory` that kept every epoch, or its stacked ``params``.
+      prefixes: run lengths ``E``, each in ``[1, num_epochs]``.
+
+    Returns:
+      ``[len(prefixes)]`` shares.
+
+    Raises:
+      ValueError: for a prefix outside ``[1, num_epochs]``.
+    """
+    d = epoch_displacements(traj_params)
+    prefixes = [int(e) for e in prefixes]
+    bad = [e for e in prefixes if not 1 <= e <= d.shape[0]]
+    if bad:
+        raise ValueError(f"prefixes must lie in [1, num_epochs={d.shape[0]}], got {bad}")
+    cum = jnp.cumsum(d)
+    return d[0] / cum[jnp.asarray(prefixes, jnp.int32) - 1]
+
+
+def cosines_to_first_epoch(traj: Trajectory, num_epochs: int = 5) -> jax.Array:
+    """``cos(g_1, g_e)`` for ``e = 2..num_epochs``: epoch gradients against the first one.
+
+    The paper's direction-consistency curve (Sec. 5); the mean over all pairs of the same
+    epochs (the off-diagonal of :func:`epoch_gradient_cosines`) also counts pairs of later
+    epochs, which agree with each other more than with epoch 1.
+
+    Returns:
+      ``[num_epochs - 1]`` cosines (entry ``i`` is epoch ``i + 2``).
+
+    Raises:
+      ValueError: without recorded gradients, or ``num_epochs`` outside ``[2, E]``.
+    """
+    if traj.epoch_gradients is None:
+        raise ValueError("this trajectory has no epoch gradients (finetune with "
+                         "record_gradients=True)")
+    total = _num_points(traj.epoch_gradients)
+    if not 2 <= num_epochs <= total:
+        raise ValueError(f"num_epochs must lie in [2, {total}] (the recorded epochs), got "
+                         f"{num_epochs}")
+    g = jax.tree.map(lambda x: x[:num_epochs], traj.epoch_gradients)
+    return cosine_matrix(g)[0, 1:]
+
+
+def relative_movement(params: PyTree, base: PyTree) -> jax.Array:
+    """``||theta - theta_0|| / ||theta_0||``: how far finetuning moved from the base."""
+    return tree.norm(tree.sub(params, base)) / tree.norm(base)
+
+
+def plateau_epoch(accuracies: Sequence[float], *, tolerance: float = 0.01,
+                  epochs: Sequence[int] | None = None) -> int:
+    """The first epoch whose (validation) accuracy is within ``tolerance`` of the run's best.
+
+    ``min {e : acc_e >= max_j acc_j - tolerance}``: where the run has converged for
+    practical purposes; later epochs add at most ``tolerance``.
+
+    Args:
+      accuracies: accuracy after each epoch.
+      tolerance: how far below the best still counts as converged (>= 0).
+      epochs: the epoch of each accuracy (default ``1..len(accuracies)``).
+
+    Returns:
+      The plateau epoch (an element of ``epochs``).
+
+    Raises:
+      ValueError: for an empty or non-finite sequence, a negative tolerance, or
+        ``epochs`` of another length.
+    """
+    acc = np.asarray(accuracies, np.float64)
+    if acc.ndim != 1 or acc.size == 0:
+        raise ValueError(f"accuracies must be a non-empty sequence, got shape {acc.shape}")
+    if not np.all(np.isfinite(acc)):
+        raise ValueError(f"accuracies must be finite, got {acc.tolist()}")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    epochs = np.arange(1, acc.size + 1) if epochs is None else np.asarray(epochs)
+    if epochs.shape != acc.shape:
+        raise ValueError(f"epochs has {epochs.shape[0]} entries for {acc.size} accuracies")
+    return int(epochs[np.argmax(acc >= acc.max() - tolerance)])
 
 
 class PCA(NamedTuple):

@@ -70,3 +70,51 @@ def test_pca_matches_svd_of_centred_flat_data():
     np.testing.assert_allclose(analysis.project(s, p), p.coords, atol=1e-10)
     with pytest.raises(ValueError, match="num_components must lie in"):
         analysis.pca(s, 8)
+
+
+def _hand_built_trajectory():
+    """Moves along the first axis by d = (4, 2, 1, 1, 2) (path 10), split over two leaves,
+    with epoch gradients at known angles to the first one."""
+    x = np.array([0.0, 4.0, 6.0, 7.0, 8.0, 10.0])
+    params = {"w": jnp.asarray(np.stack([x, np.zeros(6)], 1)), "b": jnp.zeros((6, 1))}
+    g = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.0], [3.0, 4.0]])
+    grads = {"w": jnp.asarray(g), "b": jnp.zeros((5, 1))}
+    return tvj.Trajectory(params, np.arange(6), jnp.zeros(5), grads, None)
+
+
+def test_prefix_shares_cosines_to_first_and_movement_on_a_hand_built_trajectory():
+    traj = _hand_built_trajectory()
+    np.testing.assert_allclose(analysis.prefix_first_epoch_shares(traj, [1, 2, 4, 5]),
+                               [1.0, 4 / 6, 4 / 8, 4 / 10], rtol=1e-12)
+    assert float(analysis.prefix_first_epoch_shares(traj, [5])[0]) == pytest.approx(
+        float(analysis.normalized_contributions(traj)[0]), abs=1e-15)
+    np.testing.assert_allclose(analysis.cosines_to_first_epoch(traj, 5),
+                               [1 / np.sqrt(2), 0.0, -1.0, 0.6], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(analysis.cosines_to_first_epoch(traj, 3),
+                               [1 / np.sqrt(2), 0.0], rtol=1e-12, atol=1e-15)
+    base = {"w": jnp.array([3.0, 4.0]), "b": jnp.zeros(1)}
+    moved = {"w": jnp.array([9.0, 12.0]), "b": jnp.zeros(1)}
+    assert float(analysis.relative_movement(moved, base)) == pytest.approx(2.0, rel=1e-12)
+    with pytest.raises(ValueError, match=r"prefixes must lie in \[1, num_epochs=5\]"):
+        analysis.prefix_first_epoch_shares(traj, [0, 6])
+    with pytest.raises(ValueError, match=r"num_epochs must lie in \[2, 5\]"):
+        analysis.cosines_to_first_epoch(traj, 6)
+    with pytest.raises(ValueError, match="no epoch gradients"):
+        analysis.cosines_to_first_epoch(traj._replace(epoch_gradients=None))
+
+
+def test_plateau_epoch_is_the_first_within_tolerance_of_the_best():
+    acc = [0.5, 0.8, 0.895, 0.905, 0.91, 0.906]
+    assert analysis.plateau_epoch(acc) == 4                     # best 0.91, 0.905 >= 0.90
+    assert analysis.plateau_epoch(acc, tolerance=0.0) == 5
+    assert analysis.plateau_epoch(acc, tolerance=0.02) == 3
+    assert analysis.plateau_epoch(acc, tolerance=1.0) == 1
+    assert analysis.plateau_epoch(acc, epochs=[0, 1, 2, 4, 8, 16]) == 4
+    assert analysis.plateau_epoch(acc, epochs=[0, 1, 2, 3, 8, 16], tolerance=0.0) == 8
+    for bad, msg in [([], "non-empty"), ([0.5, float("nan")], "finite")]:
+        with pytest.raises(ValueError, match=msg):
+            analysis.plateau_epoch(bad)
+    with pytest.raises(ValueError, match="tolerance"):
+        analysis.plateau_epoch(acc, tolerance=-0.1)
+    with pytest.raises(ValueError, match="epochs has 2 entries"):
+        analysis.plateau_epoch(acc, epochs=[1, 2])

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 import taskvec_jax as tvj
-from experiments.paper.setup import minibatch_optimizer
+from experiments.paper.setup import minibatch_optimizer, steps_per_epoch
 from taskvec_jax import merging, plotting
 
 
@@ -109,8 +109,12 @@ def multitask_reference(setup, mode: str) -> tuple[dict, tvj.Trajectory]:
         traj = tvj.multitask_finetune(setup.loss_fn, setup.base, setup.train,
                                       optax.sgd(f.full_batch_lr), f.full_batch_epochs)
     else:
+        # each multitask step takes batch_size examples from every task
+        n = max(int(d["label"].shape[0]) for d in setup.train)
+        opt = minibatch_optimizer(setup.config,
+                                  steps_per_epoch(n, f.batch_size) * f.minibatch_epochs)
         traj = tvj.multitask_finetune(setup.loss_fn, setup.base, setup.train,
-                                      minibatch_optimizer(setup.config), f.minibatch_epochs,
+                                      opt, f.minibatch_epochs,
                                       batch_size=f.batch_size,
                                       key=jax.random.key(setup.config.seed + 7))
     test = _accuracies(setup, traj.final_params, setup.test)
@@ -122,7 +126,10 @@ def atm_vs_task_arithmetic(setup, minibatch_trajs, finetuned_test, workdir, key)
     cfg = setup.config
     f = cfg.finetune
     rounds = cfg.atm.rounds
-    result = merging.atm(setup.loss_fn, setup.base, setup.train, minibatch_optimizer(cfg),
+    # each round is a fresh one-epoch finetune, so a schedule spans one epoch
+    steps = max(steps_per_epoch(d["label"].shape[0], f.batch_size) for d in setup.train)
+    result = merging.atm(setup.loss_fn, setup.base, setup.train,
+                         minibatch_optimizer(cfg, steps),
                          rounds, num_epochs=1, alpha=cfg.atm.alpha, batch_size=f.batch_size,
                          key=jax.random.fold_in(key, 1))
     atm_acc = [float(np.mean(_accuracies(setup, result.at(r), setup.test)))

@@ -11,8 +11,9 @@ import optax
 
 import taskvec_jax as tvj
 from experiments.cli import write_json
-from experiments.paper import dominance, merging_study, report, theorem, trajectories
-from experiments.paper.setup import build, log, minibatch_optimizer
+from experiments.paper import (dominance, merging_study, regime, report, theorem,
+                               trajectories)
+from experiments.paper.setup import build, log, minibatch_optimizer, steps_per_epoch
 
 
 def finetune_all(setup):
@@ -24,8 +25,11 @@ def finetune_all(setup):
                               optax.sgd(f.full_batch_lr), f.full_batch_epochs)
     log(f"finetuning {len(setup.train)} tasks: minibatch {f.minibatch_optimizer}, "
         f"{f.minibatch_epochs} epochs (lr {f.minibatch_lr}, batch {f.batch_size})")
+    # one schedule length for every task: the largest task's number of steps
+    steps = max(steps_per_epoch(d["label"].shape[0], f.batch_size) for d in setup.train)
     mini = tvj.finetune_tasks(setup.loss_fn, setup.base, setup.train,
-                              minibatch_optimizer(setup.config), f.minibatch_epochs,
+                              minibatch_optimizer(setup.config, steps * f.minibatch_epochs),
+                              f.minibatch_epochs,
                               batch_size=f.batch_size,
                               key=jax.random.key(setup.config.seed + 3))
     return {"full_batch": full, "minibatch": mini}
@@ -54,6 +58,11 @@ def run(config, workdir: str) -> dict:
     for mode, d in dom.items():
         log(f"  {mode}: mean first-epoch share {d['mean_first_epoch_share']:.3f}, mean cos "
             f"(first 5 epochs) {d['mean_cos_first5']:.3f}")
+
+    g = config.regime
+    log(f"regime map: {len(g.learning_rates)} learning rates (vmapped) x "
+        f"{len(g.batch_sizes)} batch sizes, {g.num_tasks} tasks, {g.epochs} epochs")
+    reg = regime.run(setup, workdir)
 
     log("merging after k epochs vs at convergence")
     merge_res, merged_models = merging_study.run(setup, trajs, workdir, key)
@@ -99,10 +108,14 @@ def run(config, workdir: str) -> dict:
                   "base_test": merge_res["base_test"],
                   "finetuned_test": {m: acc([t.final_params for t in trajs[m]], setup.test)
                                      for m in trajs}},
-        "theorem": th, "dominance": dom, "merging": merge_res, "multitask": multitask,
+        "theorem": th, "dominance": dom, "regime": reg, "merging": merge_res,
+        "multitask": multitask,
         "atm": atm_res, "trajectories": traj_res,
     }
     results["elapsed_s"] = time.time() - start
+    # the timing depends on what else the machine runs: say how loaded it was
+    results["setup"]["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") \
+        else None
     results["findings"] = report.findings(results)
     # allow_nan: a failed fit (e.g. a slope over zero gaps) is written as NaN and shown as
     # n/a in the report, rather than losing the whole run.

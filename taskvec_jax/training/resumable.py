@@ -51,6 +51,58 @@ def _key_data(key):
     return np.asarray(key)
 
 
+def _sha256_arrays(leaves) -> str:
+    digest = hashlib.sha256()
+    for x in leaves:
+        x = np.asarray(jax.random.key_data(x) if jnp.issubdtype(jnp.result_type(x),
+                                                               jax.dtypes.prng_key) else x)
+        digest.update(f"{x.shape}{x.dtype}".encode())
+        digest.update(np.ascontiguousarray(x).tobytes())
+    return digest.hexdigest()
+
+
+def _constants(obj: Any, depth: int = 0, seen: set | None = None) -> Any:
+    """A JSON-able description of the numbers a function (or a tree of them) closes over.
+
+    optax keeps a transformation's hyperparameters in the closures of its ``init`` and
+    ``update`` functions (``chain`` closes over its parts, a schedule over its numbers);
+    names and values are recorded, object identities never, so that ``optax.sgd(0.1)``
+    made again in another process has the same description and ``optax.sgd(0.2)`` not.
+    """
+    seen = set() if seen is None else seen
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj if not isinstance(obj, float) or np.isfinite(obj) else repr(obj)
+    if isinstance(obj, (np.ndarray, jax.Array, np.generic)):
+        x = np.asarray(obj)
+        if x.size <= 16 and x.dtype.kind in "biuf":
+            return {"array": x.tolist(), "dtype": str(x.dtype)}
+        return {"shape": list(x.shape), "dtype": str(x.dtype), "sha256": _sha256_arrays([x])}
+    if depth > 8 or id(obj) in seen:
+        return type(obj).__name__
+    seen.add(id(obj))
+    if isinstance(obj, (tuple, list)):
+        return [_constants(x, depth + 1, seen) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): _constants(v, depth + 1, seen) for k, v in obj.items()}
+    if isinstance(obj, optax.GradientTransformation):
+        return {"init": _constants(obj.init, depth + 1, seen),
+                "update": _constants(obj.update, depth + 1, seen)}
+    if callable(obj):
+        closure = getattr(obj, "__closure__", None) or ()
+        names = getattr(getattr(obj, "__code__", None), "co_freevars", ())
+        cells = {}
+        for name, cell in zip(names, closure):
+            try:
+                cells[name] = _constants(cell.cell_contents, depth + 1, seen)
+            except ValueError:          # an empty cell
+                cells[name] = None
+        for attr in ("func", "args", "keywords"):      # functools.partial
+            if hasattr(obj, attr) and not hasattr(obj, "__code__"):
+                cells[attr] = _constants(getattr(obj, attr), depth + 1, seen)
+        return {"fn": getattr(obj, "__qualname__", type(obj).__name__), "closure": cells}
+    return type(obj).__name__
+
+
 def run_fingerprint(loss_fn: Callable, params: PyTree, data: PyTree,
                     optimizer: optax.GradientTransformation, *,
                     batch_size: int | None = None, drop_remainder: bool = False) -> dict:
