@@ -21,7 +21,8 @@ def _setup():
 
 def test_params_and_trajectory_roundtrip_exactly(tmp_path):
     loss_fn, params, data = _setup()
-    traj = tvj.finetune(loss_fn, params, data, optax.adam(1e-2), 3)
+    traj = tvj.finetune(loss_fn, params, data, optax.adam(1e-2), 3, keep_epochs="all",
+                        record_gradients=True)
     path = checkpoint.save(tmp_path / "traj", traj)
     assert os.path.isabs(path)
     back = checkpoint.restore(path, like=traj)

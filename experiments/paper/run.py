@@ -21,13 +21,15 @@ def finetune_all(setup):
     log(f"finetuning {len(setup.train)} tasks: full-batch GD, {f.full_batch_epochs} epochs "
         f"(lr {f.full_batch_lr})")
     full = tvj.finetune_tasks(setup.loss_fn, setup.base, setup.train,
-                              optax.sgd(f.full_batch_lr), f.full_batch_epochs)
+                              optax.sgd(f.full_batch_lr), f.full_batch_epochs,
+                              keep_epochs="all", record_gradients=True, progress=True)
     log(f"finetuning {len(setup.train)} tasks: minibatch {f.minibatch_optimizer}, "
         f"{f.minibatch_epochs} epochs (lr {f.minibatch_lr}, batch {f.batch_size})")
     mini = tvj.finetune_tasks(setup.loss_fn, setup.base, setup.train,
                               minibatch_optimizer(setup.config), f.minibatch_epochs,
                               batch_size=f.batch_size,
-                              key=jax.random.key(setup.config.seed + 3))
+                              key=jax.random.key(setup.config.seed + 3),
+                              keep_epochs="all", record_gradients=True, progress=True)
     return {"full_batch": full, "minibatch": mini}
 
 
