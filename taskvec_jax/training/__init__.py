@@ -93,6 +93,7 @@ def finetune(
     start_epoch: int = 0,
     progress: bool | int = False,
     check_finite: bool = True,
+    model_state: Any = None,
 ) -> Trajectory:
     """Finetunes ``params`` on ``data`` for ``num_epochs`` epochs of (S)GD; one compiled scan.
 
@@ -132,6 +133,11 @@ def finetune(
         ``isfinite`` reduction over the parameters per epoch inside the program and one
         ``[num_epochs]`` bool read after it; ``False`` removes both and returns the raw
         (possibly NaN) trajectory.
+      model_state: non-trainable model state (flax linen ``variables["batch_stats"]``, an
+        nnx ``BatchStat`` state). When given, ``loss_fn(params, batch, state) -> (loss,
+        new_state)``: the state is carried through the run (updated once per optimizer
+        step, by that step's batch), never differentiated and never in ``params``; the
+        final state is ``Trajectory.model_state``. Not with ``microbatch_size``.
 
     Returns:
       A :class:`Trajectory`.
@@ -147,17 +153,19 @@ def finetune(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=[n], names=["data"], check_finite=check_finite)
-    _engine.check_inputs(loss_fn, params, [data], cfg, ["data"])
+        key=key, sizes=[n], names=["data"], check_finite=check_finite,
+        stateful=model_state is not None)
+    _engine.check_inputs(loss_fn, params, [data], cfg, ["data"], model_state)
     if opt_state is None:
         opt_state = optimizer.init(params)
     start = jnp.asarray(start_epoch)
-    buffer, losses, grads, opt_state, finite = _dispatch(
-        lambda c, k: _engine.run_jit(params, opt_state, (data,), None, key, start, k, c),
+    buffer, losses, grads, opt_state, finite, state = _dispatch(
+        lambda c, k: _engine.run_jit(params, opt_state, (data,), None, key, start, k, c,
+                                     model_state),
         cfg, consts, "finetune")
     _engine.check_finite(finite, losses, start_epoch, ["data"])
     return Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs, start_epoch),
-                      losses, grads, opt_state)
+                      losses, grads, opt_state, state)
 
 
 def _dispatch(call, cfg, consts, desc: str):
@@ -184,6 +192,7 @@ def finetune_tasks(
     start_epoch: int = 0,
     progress: bool | int = False,
     check_finite: bool = True,
+    model_state: Any = None,
     mesh: Any = None,
 ) -> list[Trajectory]:
     """Finetunes the same ``params`` separately on each task; one trajectory per task.
@@ -202,6 +211,8 @@ def finetune_tasks(
         opt_state, start_epoch, progress, check_finite: as in :func:`finetune` (``key`` is
         folded with the task index; a diverged task is named in the error; the progress
         bar is labelled with the task, or the tasks of a vmapped group).
+      model_state: as in :func:`finetune`; every task starts from it and its trajectory
+        holds its own final state (not with ``mesh``).
       mesh: a ``(tasks, data)`` mesh from :func:`taskvec_jax.training.sharded.make_mesh`:
         tasks are spread over ``tasks`` (padded to a multiple of its size) and each
         full-batch gradient is split over ``data``. All tasks must then share data shapes.
@@ -214,6 +225,8 @@ def finetune_tasks(
                    record_gradients=record_gradients, opt_state=opt_state,
                    start_epoch=start_epoch, progress=progress, check_finite=check_finite)
     if mesh is not None:
+        if model_state is not None:
+            raise ValueError("model_state= is not supported with mesh=; run without a mesh")
         return sharded.finetune_tasks_sharded(loss_fn, params, task_datasets, optimizer,
                                               num_epochs, mesh, **options)
     datasets = _checks.task_datasets(task_datasets)
@@ -224,11 +237,17 @@ def finetune_tasks(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=sizes, names=names, check_finite=check_finite)
+        key=key, sizes=[max(sizes)] if model_state is not None else sizes,
+        names=names, check_finite=check_finite, stateful=model_state is not None)
+    if model_state is not None:  # one dataset per run: the per-task batch-size check
+        for n, name in zip(sizes, names):
+            if batch_size is not None and batch_size > n:
+                raise ValueError(f"batch_size {batch_size} exceeds the {n} examples of "
+                                 f"{name}")
     groups = sharded.group_by_signature(datasets)
     # same shapes, same loss shape: check one task per group
     _engine.check_inputs(loss_fn, params, [datasets[g[0]] for g in groups], cfg,
-                         [names[g[0]] for g in groups])
+                         [names[g[0]] for g in groups], model_state)
     if opt_state is None:
         opt_state = optimizer.init(params)
     epochs = _engine.kept_epochs(keep_epochs, num_epochs, start_epoch)
@@ -243,19 +262,19 @@ def finetune_tasks(
             k0 = None if keys is None else keys[0]
             res = _dispatch(
                 lambda c, k, t=t, k0=k0: _engine.run_jit(
-                    params, opt_state, (datasets[t],), None, k0, start, k, c),
+                    params, opt_state, (datasets[t],), None, k0, start, k, c, model_state),
                 cfg, consts, names[t])
-            out[t] = Trajectory(res[0], epochs, res[1], res[2], res[3])
+            out[t] = Trajectory(res[0], epochs, res[1], res[2], res[3], res[5])
             flags[t] = res[4]
             continue
         stacked = tree_lib.stack([datasets[t] for t in members])
         res = _dispatch(
             lambda c, k, stacked=stacked, keys=keys: _engine.run_many(
-                params, opt_state, (stacked,), None, keys, start, k, c),
+                params, opt_state, (stacked,), None, keys, start, k, c, model_state),
             cfg, consts, f"tasks {', '.join(map(str, members))}")
-        for t, (buffer, losses, grads, state, finite) in zip(
+        for t, (buffer, losses, grads, state, finite, mstate) in zip(
                 members, _engine.split_leading(res, len(members))):
-            out[t] = Trajectory(buffer, epochs, losses, grads, state)
+            out[t] = Trajectory(buffer, epochs, losses, grads, state, mstate)
             flags[t] = finite
     for t, traj in enumerate(out):  # in task order: the first diverged task is named
         _engine.check_finite(flags[t], traj.losses, start_epoch, [names[t]])
@@ -331,7 +350,7 @@ def multitask_finetune(
     if opt_state is None:
         opt_state = optimizer.init(params)
     start = jnp.asarray(start_epoch)
-    buffer, losses, grads, opt_state, finite = _dispatch(
+    buffer, losses, grads, opt_state, finite, _ = _dispatch(
         lambda c, k: _engine.run_jit(params, opt_state, datasets, weights, key, start, k, c),
         cfg, consts, "multitask")
     _engine.check_finite(finite, losses, start_epoch, ["multitask"])

@@ -59,6 +59,9 @@ class Trajectory(NamedTuple):
       epoch_gradients: every leaf ``[num_epochs, ...]``, the sum of each epoch's step
         gradients; ``None`` when ``record_gradients=False``.
       opt_state: the optimizer state after the last epoch (resume from it).
+      model_state: the non-trainable model state after the last epoch (BatchNorm
+        statistics, when finetuning with ``model_state=``); ``None`` otherwise. It is
+        never differentiated and never part of ``params`` (so never of a task vector).
     """
 
     params: PyTree
@@ -66,6 +69,7 @@ class Trajectory(NamedTuple):
     losses: jax.Array
     epoch_gradients: PyTree | None
     opt_state: Any
+    model_state: Any = None
 
     @property
     def final_params(self) -> PyTree:
@@ -112,6 +116,7 @@ class Config:
     check_finite: bool              # emit one finite flag per epoch
     data_axis: str | None = None
     multitask_axis: str | None = None
+    stateful: bool = False          # loss_fn(params, batch, state) -> (loss, new_state)
 
 
 # --------------------------------------------------------------------------- closures
@@ -348,8 +353,8 @@ def check_optimizer(optimizer) -> bool:
 def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
                 drop_remainder, keep_epochs, record_gradients, progress, key,
                 sizes: Sequence[int], names: Sequence[str], check_finite: bool = True,
-                data_axis: str | None = None, multitask_axis: str | None = None
-                ) -> tuple[Config, tuple]:
+                data_axis: str | None = None, multitask_axis: str | None = None,
+                stateful: bool = False) -> tuple[Config, tuple]:
     """Validates the options of a run; returns its :class:`Config` and the numbers the
     loss and the optimizer capture (``consts``, the program's argument).
 
@@ -373,6 +378,15 @@ def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
         if key is None:
             raise ValueError(f"batch_size={batch_size} shuffles the data every epoch and "
                              "needs a PRNG key: pass key=jax.random.key(0)")
+    if stateful:
+        if len(sizes) > 1 or data_axis is not None or multitask_axis is not None:
+            raise ValueError("model_state= is supported by finetune and finetune_tasks "
+                             "without a mesh (one dataset per run); multitask and sharded "
+                             "runs take loss_fn(params, batch) only")
+        if microbatch_size is not None:
+            raise ValueError("model_state= with microbatch_size= is not supported: a "
+                             "stateful loss (BatchNorm statistics) over chunks is not the "
+                             "loss over the whole batch; drop microbatch_size")
     _, slots, num_slots, keep_start = _keep_plan(keep_epochs, num_epochs)
     every = int(progress) if progress else 0
     loss_closure, loss_consts = split_closure(loss_fn)
@@ -383,7 +397,7 @@ def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
                  slots=slots, num_slots=num_slots, keep_start=keep_start,
                  record_gradients=bool(record_gradients), progress=every,
                  check_finite=bool(check_finite), data_axis=data_axis,
-                 multitask_axis=multitask_axis)
+                 multitask_axis=multitask_axis, stateful=bool(stateful))
     return cfg, (loss_consts, update_consts)
 
 
@@ -413,13 +427,31 @@ def kept_epochs(keep_epochs, num_epochs, start_epoch) -> np.ndarray:
 
 
 def check_inputs(loss_fn, params, datasets: Sequence[PyTree], cfg: Config,
-                 names: Sequence[str]) -> None:
+                 names: Sequence[str], model_state=None) -> None:
     """Checks that ``params`` are float and ``loss_fn`` returns a scalar on each dataset
-    (shape evaluation only; call with one representative per shape group)."""
+    (shape evaluation only; call with one representative per shape group). With
+    ``cfg.stateful``: that ``loss_fn(params, batch, state)`` returns ``(scalar, state)``
+    with the state's tree structure, shapes and dtypes."""
     _checks.float_dtype(params, why="finetuning differentiates every leaf")
     for d, name in zip(datasets, names):
         n = _checks.num_examples(d, name=name)
-        _checks.loss_is_scalar(loss_fn, params, d, min(n, cfg.batch_size or n), name)
+        size = min(n, cfg.batch_size or n)
+        if not cfg.stateful:
+            _checks.loss_is_scalar(loss_fn, params, d, size, name)
+            continue
+        batch = jax.tree.map(lambda x: x[:size], d)
+        out = jax.eval_shape(loss_fn, params, batch, model_state)
+        if not (isinstance(out, tuple) and len(out) == 2 and jnp.shape(out[0]) == ()):
+            raise ValueError("with model_state=, loss_fn(params, batch, state) must return "
+                             f"(scalar loss, new_state); on {name} it returned {out}")
+        def sig(tree):
+            leaves, treedef = jax.tree.flatten(tree)
+            return treedef, [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves]
+        if sig(out[1]) != sig(model_state):
+            raise ValueError(
+                f"with model_state=, the new_state loss_fn returns on {name} must match "
+                f"model_state in structure, shapes and dtypes (it is carried through a "
+                f"scan): got {sig(out[1])}, model_state is {sig(model_state)}")
 
 
 # --------------------------------------------------------------------------- epochs
@@ -481,8 +513,17 @@ def _dataset_value_and_grad(cfg: Config, params, data):
     return jax.tree.map(jnp.add, *parts) if len(parts) == 2 else parts[0]
 
 
-def _full_batch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_key):
+def _full_batch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
+                      epoch_key):
     del epoch_key  # full-batch GD is deterministic
+    if cfg.stateful:
+        # one dataset (make_config checks): the state is updated once, by the whole batch
+        (loss, state), grad = jax.value_and_grad(
+            lambda p: cfg.loss_fn(p, datasets[0], state), has_aux=True)(params)
+        params, opt_state = _optimizer_step(
+            cfg, params, opt_state, grad, loss,
+            lambda p: cfg.loss_fn(p, datasets[0], state)[0])
+        return params, opt_state, state, loss, grad
     if cfg.multitask_axis is None:
         results = [_dataset_value_and_grad(cfg, params, d) for d in datasets]
         loss = _weighted([r[0] for r in results], weights)
@@ -504,10 +545,11 @@ def _full_batch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_k
             values = jax.vmap(lambda d: _dataset_value(cfg, p, d))(datasets[0])
             return jax.lax.psum(jnp.tensordot(weights, values, 1), cfg.multitask_axis)
     params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss, value_fn)
-    return params, opt_state, loss, grad
+    return params, opt_state, state, loss, grad
 
 
-def _minibatch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_key):
+def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
+                     epoch_key):
     """One epoch of minibatch steps over one or several datasets.
 
     With several datasets (multitask), every step takes ``B`` examples from each task;
@@ -527,9 +569,17 @@ def _minibatch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_ke
         return _weighted([cfg.loss_fn(p, bt) for bt in batches], weights)
 
     def step(carry, step_idx):
-        params, opt_state, grad_sum, loss_sum = carry
+        params, opt_state, state, grad_sum, loss_sum = carry
         batches = [jax.tree.map(lambda x: jnp.take(x, i, axis=0), d)
                    for d, i in zip(datasets, step_idx)]
+        if cfg.stateful:  # one dataset; the state moves once per step
+            (loss, new_state), grad = jax.value_and_grad(
+                lambda p: cfg.loss_fn(p, batches[0], state), has_aux=True)(params)
+            params, opt_state = _optimizer_step(
+                cfg, params, opt_state, grad, loss,
+                lambda p: cfg.loss_fn(p, batches[0], state)[0])
+            return (params, opt_state, new_state, tree_lib.add(grad_sum, grad),
+                    loss_sum + loss), None
         if cfg.microbatch_size is None:
             loss, grad = jax.value_and_grad(step_loss)(params, batches)
         else:
@@ -539,20 +589,22 @@ def _minibatch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_ke
             grad = _weighted([r[1] for r in results], weights)
         params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss,
                                             lambda p: step_loss(p, batches))
-        return (params, opt_state, tree_lib.add(grad_sum, grad), loss_sum + loss), None
+        return (params, opt_state, state, tree_lib.add(grad_sum, grad),
+                loss_sum + loss), None
 
-    loss_dtype = jax.eval_shape(
-        step_loss, params,
-        [jax.tree.map(lambda x: x[:b], d) for d in datasets]).dtype
-    carry = (params, opt_state, tree_lib.zeros_like(params), jnp.zeros((), loss_dtype))
+    first = [jax.tree.map(lambda x: x[:b], d) for d in datasets]
+    loss_dtype = (jax.eval_shape(cfg.loss_fn, params, first[0], state)[0] if cfg.stateful
+                  else jax.eval_shape(step_loss, params, first)).dtype
+    carry = (params, opt_state, state, tree_lib.zeros_like(params),
+             jnp.zeros((), loss_dtype))
     carry, _ = jax.lax.scan(step, carry, idx)
     num_steps = steps
     rest = sizes[0] - steps * b
     if len(datasets) == 1 and rest and not cfg.drop_remainder:
         carry, _ = step(carry, (perms[0][steps * b:],))
         num_steps += 1
-    params, opt_state, grad_sum, loss_sum = carry
-    return params, opt_state, loss_sum / num_steps, grad_sum
+    params, opt_state, state, grad_sum, loss_sum = carry
+    return params, opt_state, state, loss_sum / num_steps, grad_sum
 
 
 # --------------------------------------------------------------------------- progress
@@ -608,7 +660,8 @@ def _report_progress(rel_epoch, loss):
 
 # --------------------------------------------------------------------------- programs
 
-def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Config):
+def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Config,
+        model_state=None):
     """The whole run: an outer scan over epochs writing snapshots into a buffer.
 
     Args:
@@ -621,11 +674,14 @@ def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Con
       consts: ``(loss consts, update consts)``, the numbers the loss and the optimizer
         capture (from :func:`make_config`).
       cfg: the run's :class:`Config`.
+      model_state: with ``cfg.stateful``, the non-trainable state (BatchNorm statistics)
+        that ``loss_fn(params, batch, state) -> (loss, new_state)`` carries; it goes
+        through the scan and is never differentiated.
 
     Returns:
-      ``(buffer, losses, epoch_gradients, opt_state, finite)``; ``finite`` is ``[E]``
-      bools (loss and parameters finite after each epoch), ``None`` unless
-      ``cfg.check_finite``.
+      ``(buffer, losses, epoch_gradients, opt_state, finite, model_state)``; ``finite``
+      is ``[E]`` bools (loss and parameters finite after each epoch), ``None`` unless
+      ``cfg.check_finite``; ``model_state`` is the state after the last epoch.
     """
     cfg = dataclasses.replace(cfg, loss_fn=cfg.loss_fn.rebuild(consts[0]),
                               update=cfg.update.rebuild(consts[1]))
@@ -634,12 +690,12 @@ def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Con
                           .astype(x.dtype), params)
 
     def body(carry, xs):
-        params, opt_state, buffer = carry
+        params, opt_state, state, buffer = carry
         rel_epoch, slot = xs
         epoch = start_epoch + rel_epoch
         epoch_key = None if key is None else jax.random.fold_in(key, epoch)
-        params, opt_state, loss, grad = epoch_fn(cfg, params, opt_state, datasets,
-                                                 weights, epoch_key)
+        params, opt_state, state, loss, grad = epoch_fn(cfg, params, opt_state, state,
+                                                        datasets, weights, epoch_key)
         if cfg.progress:
             report = jnp.logical_or(rel_epoch % cfg.progress == 0,
                                     rel_epoch == cfg.num_epochs)
@@ -654,22 +710,23 @@ def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Con
         buffer = jax.tree.map(lambda b, p: jax.lax.dynamic_update_index_in_dim(
             b, p, slot, 0), buffer, params)
         ys = (loss, grad if cfg.record_gradients else None, finite)
-        return (params, opt_state, buffer), ys
+        return (params, opt_state, state, buffer), ys
 
     xs = (jnp.arange(1, cfg.num_epochs + 1), jnp.asarray(cfg.slots, jnp.int32))
-    (_, opt_state, buffer), (losses, grads, finite) = jax.lax.scan(
-        body, (params, opt_state, buffer), xs)
-    return buffer, losses, grads, opt_state, finite
+    (_, opt_state, model_state, buffer), (losses, grads, finite) = jax.lax.scan(
+        body, (params, opt_state, model_state, buffer), xs)
+    return buffer, losses, grads, opt_state, finite, model_state
 
 
 run_jit = jax.jit(run, static_argnames=("cfg",))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def run_many(params, opt_state, datasets, weights, keys, start_epoch, consts, cfg):
+def run_many(params, opt_state, datasets, weights, keys, start_epoch, consts, cfg,
+             model_state=None):
     """:func:`run` vmapped over tasks that share data shapes (one compiled program)."""
     return jax.vmap(lambda d, k: run(params, opt_state, d, weights, k, start_epoch, consts,
-                                     cfg),
+                                     cfg, model_state),
                     in_axes=(0, None if keys is None else 0))(datasets, keys)
 
 

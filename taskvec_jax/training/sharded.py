@@ -250,7 +250,7 @@ def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
         opt_state = optimizer.init(params)
     start = jnp.asarray(start_epoch)
     with _engine.progress_bar(cfg, f"{t} tasks"):
-        buffer, losses, grads, states, finite = _engine.execute(
+        buffer, losses, grads, states, finite, _ = _engine.execute(
             lambda c, k: _compiled(c, mesh, "tasks")(params, opt_state, stacked_data, keys,
                                                      start, k), cfg, consts)
     _engine.check_finite(finite, losses, start_epoch, [f"task {i}" for i in range(t)])
@@ -287,7 +287,7 @@ def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
         opt_state = optimizer.init(params)
     start, weights = jnp.asarray(start_epoch), jnp.asarray(weights)
     with _engine.progress_bar(cfg, "multitask"):
-        buffer, losses, grads, opt_state, finite = _engine.execute(
+        buffer, losses, grads, opt_state, finite, _ = _engine.execute(
             lambda c, k: _compiled(c, mesh, "multitask")(params, opt_state, stacked_data,
                                                          weights, start, k), cfg, consts)
     _engine.check_finite(finite, losses, start_epoch, ["multitask"])
