@@ -69,6 +69,8 @@ def test_divergence_names_the_task_in_finetune_tasks_and_multitask():
 
 
 def _lowered_text(check_finite, progress):
+    """The StableHLO of the engine's program itself (white box: under a caller's jit the
+    unused finite flags would be dead code, so the public path cannot show them)."""
     params, data = _diverging_run(2)
     cfg, consts = _engine.make_config(
         _quadratic, optax.sgd(0.1), 3, batch_size=None, microbatch_size=None,

@@ -101,3 +101,12 @@ def test_finetune_tasks_carries_a_state_per_task_and_errors_are_clear(setup):
     with pytest.raises(ValueError, match="not supported with mesh="):
         tvj.finetune_tasks(_loss, params, tasks, optax.sgd(0.1), 1, model_state=state,
                            mesh=object())
+
+
+def test_model_state_is_saved_and_restored_with_the_trajectory(setup, tmp_path):
+    data, params, state = setup
+    traj = tvj.finetune(_loss, params, data, optax.sgd(0.3), 1, model_state=state)
+    path = tvj.checkpoint.save(tmp_path / "traj", traj)
+    back = tvj.checkpoint.restore(path, like=traj)
+    assert max_abs_diff(back.model_state, traj.model_state) == 0.0
+    assert max_abs_diff(back.params, traj.params) == 0.0
