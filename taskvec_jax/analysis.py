@@ -83,7 +83,7 @@ def epoch_displacements(traj_params: PyTree | Trajectory) -> jax.Array:
         epochs = jnp.asarray(traj_params.epochs)
         if not bool(jnp.all(jnp.diff(epochs) == 1)):
             raise ValueError("epoch_displacements needs consecutive epochs; this trajectory "
-                             f"kept {list(map(int, epochs))} (finetune with keep_epochs=None)")
+                             f"kept {list(map(int, epochs))} (finetune with keep_epochs='all')")
     if _num_points(params) < 2:
         raise ValueError("need at least two snapshots to measure a displacement")
     sq = jax.tree.leaves(jax.tree.map(

@@ -31,7 +31,8 @@ def test_displacements_and_contributions_on_a_real_trajectory():
     data = digits(100)
     model = MLP((8, 10), "tanh", param_dtype=jnp.float64)
     params = init(model, data)
-    traj = tvj.finetune(make_loss_fn(model), params, data, optax.sgd(0.5), 5)
+    traj = tvj.finetune(make_loss_fn(model), params, data, optax.sgd(0.5), 5, keep_epochs="all",
+                        record_gradients=True)
     flat = np.stack([np.asarray(tvj.tree.ravel(traj.at(e))[0]) for e in range(6)])
     expected = np.linalg.norm(np.diff(flat, axis=0), axis=1)
     np.testing.assert_allclose(analysis.epoch_displacements(traj), expected, rtol=1e-12)

@@ -21,7 +21,8 @@ def _setup():
 
 def test_params_and_trajectory_roundtrip_exactly(tmp_path):
     loss_fn, params, data = _setup()
-    traj = tvj.finetune(loss_fn, params, data, optax.adam(1e-2), 3)
+    traj = tvj.finetune(loss_fn, params, data, optax.adam(1e-2), 3, keep_epochs="all",
+                        record_gradients=True)
     path = checkpoint.save(tmp_path / "traj", traj)
     assert os.path.isabs(path)
     back = checkpoint.restore(path, like=traj)
@@ -89,6 +90,6 @@ def test_resume_via_finetune_start_epoch_matches():
     straight = tvj.finetune(loss_fn, params, data, opt, 5, batch_size=20, key=key)
     first = tvj.finetune(loss_fn, params, data, opt, 2, batch_size=20, key=key)
     rest = tvj.finetune(loss_fn, first.final_params, data, opt, 3, batch_size=20, key=key,
-                        opt_state=first.opt_state, start_epoch=2)
+                        opt_state=first.opt_state, start_epoch=2, keep_epochs="all")
     np.testing.assert_array_equal(rest.epochs, [2, 3, 4, 5])
     assert max_abs_diff(rest.final_params, straight.final_params) == 0.0

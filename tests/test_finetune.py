@@ -28,7 +28,7 @@ def test_one_epoch_task_vector_is_minus_lr_times_gradient(make):
     data = digits(120)
     loss_fn, params = make(data)
     lr = 0.37
-    traj = tvj.finetune(loss_fn, params, data, optax.sgd(lr), 1)
+    traj = tvj.finetune(loss_fn, params, data, optax.sgd(lr), 1, record_gradients=True)
     tau = tvj.task_vector(traj.at(1), params)
     expected = tvj.tree.scale(-lr, jax.grad(loss_fn)(params, data))
     chex.assert_trees_all_close(tau, expected, atol=1e-12, rtol=0)
@@ -51,13 +51,14 @@ def test_k_epochs_equal_independent_loop_and_microbatches_equal_full():
     data = digits(101)  # prime: no microbatch size divides it
     loss_fn, params = _mlp(data)
     ref, ref_losses = _reference_gd(loss_fn, params, data, 0.5, 6)
-    traj = tvj.finetune(loss_fn, params, data, optax.sgd(0.5), 6)
+    traj = tvj.finetune(loss_fn, params, data, optax.sgd(0.5), 6, keep_epochs="all")
     np.testing.assert_array_equal(traj.epochs, np.arange(7))
     for e in range(7):
         assert max_abs_diff(traj.at(e), ref[e]) <= 1e-12
     np.testing.assert_allclose(traj.losses, ref_losses, rtol=1e-13)
     for m in (1, 10, 33, 100):
-        micro = tvj.finetune(loss_fn, params, data, optax.sgd(0.5), 6, microbatch_size=m)
+        micro = tvj.finetune(loss_fn, params, data, optax.sgd(0.5), 6, microbatch_size=m,
+                             keep_epochs="all")
         assert max_abs_diff(micro.params, traj.params) <= 1e-12, m
         np.testing.assert_allclose(micro.losses, traj.losses, rtol=1e-12)
 
@@ -92,7 +93,7 @@ def test_minibatch_epoch_uses_every_example_exactly_once(n, b):
     params = {"theta": jnp.zeros(n)}
     lr = 0.25
     traj = tvj.finetune(_indicator_loss, params, data, optax.sgd(lr), 1, batch_size=b,
-                        key=jax.random.key(3))
+                        key=jax.random.key(3), record_gradients=True)
     moved = -np.asarray(traj.at(1)["theta"]) / lr
     steps, rest = divmod(n, b)
     # each full-batch member moves by 1/b, each member of the final partial step by 1/rest
@@ -148,10 +149,11 @@ def test_finetune_tasks_equals_per_task_finetune_full_and_minibatch():
     tasks = [jax.tree.map(lambda x: x[:80], base), jax.tree.map(lambda x: x[80:160], base),
              jax.tree.map(lambda x: x[160:], base)]  # two share a shape, one does not
     loss_fn, params = _mlp(base)
-    trajs = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3)
+    full = dict(keep_epochs="all", record_gradients=True)
+    trajs = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3, **full)
     assert len(trajs) == 3
     for t, d in enumerate(tasks):
-        single = tvj.finetune(loss_fn, params, d, optax.sgd(0.3), 3)
+        single = tvj.finetune(loss_fn, params, d, optax.sgd(0.3), 3, **full)
         assert max_abs_diff(trajs[t].params, single.params) <= 1e-12
         assert max_abs_diff(trajs[t].epoch_gradients, single.epoch_gradients) <= 1e-12
         np.testing.assert_allclose(trajs[t].losses, single.losses, rtol=1e-12)
@@ -167,8 +169,8 @@ def test_finetune_tasks_equals_per_task_finetune_full_and_minibatch():
 def test_multitask_with_one_task_equals_finetune_and_sums_gradients():
     base = digits(150)
     loss_fn, params = _mlp(base)
-    single = tvj.finetune(loss_fn, params, base, optax.sgd(0.2), 3)
-    mt = tvj.multitask_finetune(loss_fn, params, [base], optax.sgd(0.2), 3)
+    single = tvj.finetune(loss_fn, params, base, optax.sgd(0.2), 3, keep_epochs="all")
+    mt = tvj.multitask_finetune(loss_fn, params, [base], optax.sgd(0.2), 3, keep_epochs="all")
     assert max_abs_diff(mt.params, single.params) == 0.0
     tasks = [jax.tree.map(lambda x: x[:70], base), jax.tree.map(lambda x: x[70:], base)]
     w = jnp.array([0.25, 2.0])
@@ -203,7 +205,7 @@ def test_loss_decreases_on_real_digits(optimizer):
 def test_keep_epochs_stores_only_requested_snapshots():
     data = digits(64)
     loss_fn, params = _mlp(data)
-    full = tvj.finetune(loss_fn, params, data, optax.sgd(0.4), 7)
+    full = tvj.finetune(loss_fn, params, data, optax.sgd(0.4), 7, keep_epochs="all")
     some = tvj.finetune(loss_fn, params, data, optax.sgd(0.4), 7, keep_epochs=[0, 3, 5],
                         record_gradients=False)
     np.testing.assert_array_equal(some.epochs, [0, 3, 5, 7])  # the last is always kept
@@ -246,16 +248,16 @@ def test_compiles_once_and_not_per_epoch():
     assert len(traces) == mini  # ... and a new key does not retrace it
 
 
-def test_progress_prints_epochs_and_is_silent_when_off(capsys):
+def test_progress_bar_shows_epochs_and_loss_and_is_silent_when_off(capsys):
     data = digits(32)
     loss_fn, params = _mlp(data)
     tvj.finetune(loss_fn, params, data, optax.sgd(0.1), 4, progress=2)
-    jax.effects_barrier()
-    out = capsys.readouterr().out
-    assert "epoch 2/4" in out and "epoch 4/4" in out and "epoch 1/4" not in out
+    err = capsys.readouterr().err  # tqdm writes to stderr
+    assert "finetune" in err and "4/4" in err and "loss " in err
     tvj.finetune(loss_fn, params, data, optax.sgd(0.1), 4)
     jax.effects_barrier()
-    assert capsys.readouterr().out == ""
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
 
 
 def test_bad_inputs_get_clear_errors():
@@ -286,6 +288,8 @@ def test_bad_inputs_get_clear_errors():
                      params, data, sgd, 1)
     with pytest.raises(ValueError, match="optax.GradientTransformation"):
         tvj.finetune(loss_fn, params, data, "sgd", 1)
+    with pytest.raises(ValueError, match=r"init\(params\) and update"):
+        tvj.finetune(loss_fn, params, data, optax.sgd(0.1).update, 1)
     with pytest.raises(ValueError, match=r"keep_epochs must lie in \[0, num_epochs=3\]"):
         tvj.finetune(loss_fn, params, data, sgd, 3, keep_epochs=[5])
     with pytest.raises(ValueError, match="task_datasets is empty"):

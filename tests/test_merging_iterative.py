@@ -53,7 +53,8 @@ def test_one_epoch_rounds_equal_multitask_gradient_descent():
     tasks = _tasks()
     eta, alpha, rounds = 0.1, 0.5, 6
     result = M.atm(loss_fn, P0, tasks, optax.sgd(eta), rounds, alpha=alpha)
-    mt = tvj.multitask_finetune(loss_fn, P0, tasks, optax.sgd(alpha * eta), rounds)
+    mt = tvj.multitask_finetune(loss_fn, P0, tasks, optax.sgd(alpha * eta), rounds,
+                                keep_epochs="all")
     assert result.params["w"].shape == (rounds + 1, D)
     assert result.losses.shape == (rounds, NUM_TASKS, 1)
     for r in range(rounds + 1):

@@ -37,8 +37,10 @@ def _setup(num_tasks, n=61):
 def test_sharded_finetune_tasks_equals_single_device(num_tasks, shape):
     loss_fn, params, tasks = _setup(num_tasks)
     mesh = sharded.make_mesh(*shape)
-    on_mesh = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3, mesh=mesh)
-    single = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3)
+    full = dict(keep_epochs="all", record_gradients=True)
+    on_mesh = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3, mesh=mesh,
+                                 **full)
+    single = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(0.3), 3, **full)
     assert len(on_mesh) == num_tasks
     for a, b in zip(on_mesh, single):
         assert max_abs_diff(a.params, b.params) <= 1e-12
@@ -64,7 +66,8 @@ def test_data_parallel_gradient_equals_unsharded(n):
     loss_fn, params, tasks = _setup(1, n)
     mesh = sharded.make_mesh(1, 8)
     lr = 0.5
-    (traj,) = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(lr), 1, mesh=mesh)
+    (traj,) = tvj.finetune_tasks(loss_fn, params, tasks, optax.sgd(lr), 1, mesh=mesh,
+                                 record_gradients=True)
     grad = jax.grad(loss_fn)(params, tasks[0])
     assert max_abs_diff(jax.tree.map(lambda g: g[0], traj.epoch_gradients), grad) <= 1e-12
     assert max_abs_diff(tvj.task_vector(traj.at(1), params),
@@ -77,8 +80,9 @@ def test_sharded_multitask_equals_single_device(shape):
     mesh = sharded.make_mesh(*shape)
     w = jnp.array([1.0, 0.5, 2.0, 1.0, 0.25])
     on_mesh = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.2), 3, mesh=mesh,
-                                     weights=w)
-    single = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.2), 3, weights=w)
+                                     weights=w, keep_epochs="all")
+    single = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.2), 3, weights=w,
+                                    keep_epochs="all")
     assert max_abs_diff(on_mesh.params, single.params) <= 1e-12
     np.testing.assert_allclose(on_mesh.losses, single.losses, rtol=1e-12)
 

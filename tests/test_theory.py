@@ -79,7 +79,8 @@ def test_gap_uses_the_same_steps_as_optax_sgd():
 def test_multitask_gd_matches_the_engine():
     loss_fn, params = _model("softplus")
     tasks = _tasks(3, sizes=[12, 7, 12])
-    mt = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.5 * 0.3), 4)
+    mt = tvj.multitask_finetune(loss_fn, params, tasks, optax.sgd(0.5 * 0.3), 4,
+                                keep_epochs="all")
     ours = jax.jit(lambda p: theory.multitask_gd(loss_fn, p, tasks, 0.3, 0.5, 4))(params)
     np.testing.assert_allclose(_flat(ours), _flat(mt.params), rtol=0, atol=1e-14)
 

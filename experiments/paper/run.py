@@ -22,7 +22,8 @@ def finetune_all(setup):
     log(f"finetuning {len(setup.train)} tasks: full-batch GD, {f.full_batch_epochs} epochs "
         f"(lr {f.full_batch_lr})")
     full = tvj.finetune_tasks(setup.loss_fn, setup.base, setup.train,
-                              optax.sgd(f.full_batch_lr), f.full_batch_epochs)
+                              optax.sgd(f.full_batch_lr), f.full_batch_epochs,
+                              keep_epochs="all", record_gradients=True, progress=True)
     log(f"finetuning {len(setup.train)} tasks: minibatch {f.minibatch_optimizer}, "
         f"{f.minibatch_epochs} epochs (lr {f.minibatch_lr}, batch {f.batch_size})")
     # one schedule length for every task: the largest task's number of steps
@@ -31,7 +32,8 @@ def finetune_all(setup):
                               minibatch_optimizer(setup.config, steps * f.minibatch_epochs),
                               f.minibatch_epochs,
                               batch_size=f.batch_size,
-                              key=jax.random.key(setup.config.seed + 3))
+                              key=jax.random.key(setup.config.seed + 3),
+                              keep_epochs="all", record_gradients=True, progress=True)
     return {"full_batch": full, "minibatch": mini}
 
 

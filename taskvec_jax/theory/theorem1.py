@@ -148,7 +148,7 @@ def task_arithmetic_gap(loss_fn: LossFn, params: PyTree, task_datasets: Sequence
     lr = learning_rate
     options = dict(batch_size=batch_size, microbatch_size=microbatch_size, key=key,
                    drop_remainder=drop_remainder, progress=progress, mesh=mesh,
-                   record_gradients=False)
+                   keep_epochs="all", record_gradients=False)
     opt = _sgd()
     trajs = finetune_tasks(loss_fn, params, list(datasets), opt, num_epochs,
                            opt_state=_sgd_state(params, lr, dtype), **options)

@@ -29,9 +29,30 @@ Conventions (shared by :func:`finetune`, :func:`finetune_tasks`, :func:`multitas
 * ``Trajectory.epoch_gradients[e-1]`` is the sum of the gradients of epoch ``e``'s steps
   (for full batch, the one gradient), the quantity the paper's gradient analysis uses.
 
-Compilation: the program is cached on (``loss_fn``, ``optimizer``, shapes, configuration),
-so calling again with the same objects and shapes does not retrace, and the number of
-traces does not grow with the number of epochs.
+Memory (defaults): a :class:`Trajectory` keeps two parameter snapshots (the start and the
+end) and no epoch gradients, so a run holds the model, the optimizer state, one gradient
+and those two snapshots whatever ``num_epochs`` is. ``keep_epochs="all"`` keeps
+``num_epochs + 1`` snapshots and ``record_gradients=True`` adds ``num_epochs`` gradients
+(the paper's per-epoch analyses need both; :mod:`taskvec_jax.analysis` says which).
+
+Compilation: the program is cached on STRUCTURE -- the code of ``loss_fn`` and of the
+optimizer's ``update``, what their closures hold (recursively), shapes and configuration --
+and the numbers they capture (Python floats, arrays) are arguments of the program. A sweep
+``for lr in lrs: finetune(loss_fn, p, data, optax.adam(lr), E)`` with a new optimizer
+object each time, or over new ``loss_fn`` closures differing only in captured numbers,
+compiles once; ``jax.vmap`` over the learning rate works too. A function that branches in
+Python on a captured number is compiled per value instead (automatic fallback). The number
+of traces does not grow with the number of epochs.
+
+Divergence: by default a run whose loss or parameters become non-finite raises
+``FloatingPointError`` naming the first such epoch (and task) and the last finite loss
+(``check_finite=False`` returns the raw trajectory).
+
+Optimizers: any object with ``init(params)`` and ``update(updates, state, params)`` (optax
+``GradientTransformation``, ``GradientTransformationExtraArgs``, ``optax.MultiSteps``).
+Optimizers that take ``value``, ``grad`` and ``value_fn`` (``optax.lbfgs``) get them: the
+loss at the current parameters, its gradient, and the loss of the step's batch (the whole
+dataset in full-batch mode) as a function of the parameters.
 """
 
 from __future__ import annotations
@@ -66,11 +87,13 @@ def finetune(
     microbatch_size: int | None = None,
     key: jax.Array | None = None,
     drop_remainder: bool = False,
-    keep_epochs: Sequence[int] | None = None,
-    record_gradients: bool = True,
+    keep_epochs: Sequence[int] | str | None = None,
+    record_gradients: bool = False,
     opt_state: Any = None,
     start_epoch: int = 0,
     progress: bool | int = False,
+    check_finite: bool = True,
+    model_state: Any = None,
 ) -> Trajectory:
     """Finetunes ``params`` on ``data`` for ``num_epochs`` epochs of (S)GD; one compiled scan.
 
@@ -91,15 +114,30 @@ def finetune(
         ``jax.random.fold_in(key, e)``.
       drop_remainder: in minibatch mode, skip the ``N % B`` leftover examples each epoch.
       keep_epochs: which epochs (0..num_epochs, relative to this call) to keep in
-        ``Trajectory.params``; ``None`` keeps all. The last epoch is always kept. Memory:
-        ``len(keep_epochs)`` model copies.
-      record_gradients: store every epoch's summed gradient (``num_epochs`` model copies).
+        ``Trajectory.params``: ``None`` (default) keeps the start and the end, ``"all"``
+        every epoch, a sequence those epochs. The last epoch is always kept. Memory:
+        one model copy per kept epoch (default 2; ``"all"``: ``num_epochs + 1``).
+      record_gradients: store every epoch's summed gradient in
+        ``Trajectory.epoch_gradients`` (``num_epochs`` model copies; default ``False``).
+        For full-batch ``optax.sgd(eta)`` it is derivable from kept snapshots:
+        ``g_e = (theta^(e-1) - theta^(e)) / eta``.
       opt_state: resume from this optimizer state (default: ``optimizer.init(params)``).
       start_epoch: absolute index of the epoch ``params`` comes from, when resuming; it
         offsets shuffling keys and ``Trajectory.epochs`` so that a resumed run equals the
         uninterrupted one bit for bit.
-      progress: print ``epoch, loss`` every ``progress`` epochs (``True`` = every epoch)
-        from inside the compiled program; ``False`` adds nothing to it.
+      progress: a tqdm progress bar over epochs with the loss in it, advanced every
+        ``progress`` epochs (``True`` = every epoch) by a callback from inside the
+        compiled program; ``False`` (the default) compiles no callback at all.
+      check_finite: after the run, raise ``FloatingPointError`` naming the first epoch
+        whose loss or parameters are not finite (and the last finite loss). Cost: one
+        ``isfinite`` reduction over the parameters per epoch inside the program and one
+        ``[num_epochs]`` bool read after it; ``False`` removes both and returns the raw
+        (possibly NaN) trajectory.
+      model_state: non-trainable model state (flax linen ``variables["batch_stats"]``, an
+        nnx ``BatchStat`` state). When given, ``loss_fn(params, batch, state) -> (loss,
+        new_state)``: the state is carried through the run (updated once per optimizer
+        step, by that step's batch), never differentiated and never in ``params``; the
+        final state is ``Trajectory.model_state``. Not with ``microbatch_size``.
 
     Returns:
       A :class:`Trajectory`.
@@ -107,21 +145,34 @@ def finetune(
     Raises:
       ValueError: for non-float params, empty or inconsistent data, non-positive epochs or
         sizes, ``batch_size > N``, a missing key in minibatch mode, or a non-scalar loss.
+      FloatingPointError: with ``check_finite``, when the run diverged (see above).
     """
     _checks.float_dtype(params, why="finetuning differentiates every leaf")
     n = _checks.num_examples(data)
-    cfg = _engine.make_config(
+    cfg, consts = _engine.make_config(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=[n], names=["data"])
-    _engine.check_inputs(loss_fn, params, [data], cfg, ["data"])
+        key=key, sizes=[n], names=["data"], check_finite=check_finite,
+        stateful=model_state is not None)
+    _engine.check_inputs(loss_fn, params, [data], cfg, ["data"], model_state)
     if opt_state is None:
         opt_state = optimizer.init(params)
-    buffer, losses, grads, opt_state = _engine.run_jit(
-        params, opt_state, (data,), None, key, jnp.asarray(start_epoch), cfg)
+    start = jnp.asarray(start_epoch)
+    buffer, losses, grads, opt_state, finite, state = _dispatch(
+        lambda c, k: _engine.run_jit(params, opt_state, (data,), None, key, start, k, c,
+                                     model_state),
+        cfg, consts, "finetune")
+    _engine.check_finite(finite, losses, start_epoch, ["data"])
     return Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs, start_epoch),
-                      losses, grads, opt_state)
+                      losses, grads, opt_state, state)
+
+
+def _dispatch(call, cfg, consts, desc: str):
+    """Runs ``call(cfg, consts)`` (with the captured-number fallback) under the run's
+    progress bar, if it has one."""
+    with _engine.progress_bar(cfg, desc):
+        return _engine.execute(call, cfg, consts)
 
 
 def finetune_tasks(
@@ -135,11 +186,13 @@ def finetune_tasks(
     microbatch_size: int | None = None,
     key: jax.Array | None = None,
     drop_remainder: bool = False,
-    keep_epochs: Sequence[int] | None = None,
-    record_gradients: bool = True,
+    keep_epochs: Sequence[int] | str | None = None,
+    record_gradients: bool = False,
     opt_state: Any = None,
     start_epoch: int = 0,
     progress: bool | int = False,
+    check_finite: bool = True,
+    model_state: Any = None,
     mesh: Any = None,
 ) -> list[Trajectory]:
     """Finetunes the same ``params`` separately on each task; one trajectory per task.
@@ -155,8 +208,11 @@ def finetune_tasks(
       loss_fn, params, optimizer, num_epochs: as in :func:`finetune`.
       task_datasets: a sequence of datasets, one per task.
       batch_size, microbatch_size, key, drop_remainder, keep_epochs, record_gradients,
-        opt_state, start_epoch, progress: as in :func:`finetune` (``key`` is folded with
-        the task index).
+        opt_state, start_epoch, progress, check_finite: as in :func:`finetune` (``key`` is
+        folded with the task index; a diverged task is named in the error; the progress
+        bar is labelled with the task, or the tasks of a vmapped group).
+      model_state: as in :func:`finetune`; every task starts from it and its trajectory
+        holds its own final state (not with ``mesh``).
       mesh: a ``(tasks, data)`` mesh from :func:`taskvec_jax.training.sharded.make_mesh`:
         tasks are spread over ``tasks`` (padded to a multiple of its size) and each
         full-batch gradient is split over ``data``. All tasks must then share data shapes.
@@ -167,42 +223,61 @@ def finetune_tasks(
     options = dict(batch_size=batch_size, microbatch_size=microbatch_size, key=key,
                    drop_remainder=drop_remainder, keep_epochs=keep_epochs,
                    record_gradients=record_gradients, opt_state=opt_state,
-                   start_epoch=start_epoch, progress=progress)
+                   start_epoch=start_epoch, progress=progress, check_finite=check_finite)
     if mesh is not None:
+        if model_state is not None:
+            raise ValueError("model_state= is not supported with mesh=; run without a mesh")
         return sharded.finetune_tasks_sharded(loss_fn, params, task_datasets, optimizer,
                                               num_epochs, mesh, **options)
     datasets = _checks.task_datasets(task_datasets)
     _checks.float_dtype(params, why="finetuning differentiates every leaf")
     names = [f"task {t}" for t in range(len(datasets))]
     sizes = [_checks.num_examples(d, name=name) for d, name in zip(datasets, names)]
-    cfg = _engine.make_config(
+    cfg, consts = _engine.make_config(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=sizes, names=names)
+        key=key, sizes=[max(sizes)] if model_state is not None else sizes,
+        names=names, check_finite=check_finite, stateful=model_state is not None)
+    if model_state is not None:  # one dataset per run: the per-task batch-size check
+        for n, name in zip(sizes, names):
+            if batch_size is not None and batch_size > n:
+                raise ValueError(f"batch_size {batch_size} exceeds the {n} examples of "
+                                 f"{name}")
     groups = sharded.group_by_signature(datasets)
     # same shapes, same loss shape: check one task per group
     _engine.check_inputs(loss_fn, params, [datasets[g[0]] for g in groups], cfg,
-                         [names[g[0]] for g in groups])
+                         [names[g[0]] for g in groups], model_state)
     if opt_state is None:
         opt_state = optimizer.init(params)
     epochs = _engine.kept_epochs(keep_epochs, num_epochs, start_epoch)
     start = jnp.asarray(start_epoch)
     out: list[Trajectory | None] = [None] * len(datasets)
+    flags: list = [None] * len(datasets)
     for members in groups:
         keys = None if key is None else jnp.stack(
             [jax.random.fold_in(key, t) for t in members])
         if len(members) == 1:
             t = members[0]
-            res = _engine.run_jit(params, opt_state, (datasets[t],), None,
-                                  None if keys is None else keys[0], start, cfg)
-            out[t] = Trajectory(res[0], epochs, res[1], res[2], res[3])
+            k0 = None if keys is None else keys[0]
+            res = _dispatch(
+                lambda c, k, t=t, k0=k0: _engine.run_jit(
+                    params, opt_state, (datasets[t],), None, k0, start, k, c, model_state),
+                cfg, consts, names[t])
+            out[t] = Trajectory(res[0], epochs, res[1], res[2], res[3], res[5])
+            flags[t] = res[4]
             continue
         stacked = tree_lib.stack([datasets[t] for t in members])
-        res = _engine.run_many(params, opt_state, (stacked,), None, keys, start, cfg)
-        for t, (buffer, losses, grads, state) in zip(
+        res = _dispatch(
+            lambda c, k, stacked=stacked, keys=keys: _engine.run_many(
+                params, opt_state, (stacked,), None, keys, start, k, c, model_state),
+            cfg, consts, f"tasks {', '.join(map(str, members))}")
+        for t, (buffer, losses, grads, state, finite, mstate) in zip(
                 members, _engine.split_leading(res, len(members))):
-            out[t] = Trajectory(buffer, epochs, losses, grads, state)
+            out[t] = Trajectory(buffer, epochs, losses, grads, state, mstate)
+            flags[t] = finite
+    for t, traj in enumerate(out):  # in task order: the first diverged task is named
+        _engine.check_finite(flags[t], traj.losses, start_epoch, [names[t]])
     return out  # type: ignore[return-value]
 
 
@@ -218,11 +293,12 @@ def multitask_finetune(
     microbatch_size: int | None = None,
     key: jax.Array | None = None,
     drop_remainder: bool = False,
-    keep_epochs: Sequence[int] | None = None,
-    record_gradients: bool = True,
+    keep_epochs: Sequence[int] | str | None = None,
+    record_gradients: bool = False,
     opt_state: Any = None,
     start_epoch: int = 0,
     progress: bool | int = False,
+    check_finite: bool = True,
     mesh: Any = None,
 ) -> Trajectory:
     """Gradient descent on the multitask loss ``L_MT = sum_t w_t L_t`` (``w_t = 1`` default).
@@ -240,7 +316,7 @@ def multitask_finetune(
       task_datasets: a sequence of datasets, one per task (shapes may differ).
       weights: optional per-task weights ``w_t``.
       batch_size, microbatch_size, key, drop_remainder, keep_epochs, record_gradients,
-        opt_state, start_epoch, progress: as in :func:`finetune`.
+        opt_state, start_epoch, progress, check_finite: as in :func:`finetune`.
       mesh: a ``(tasks, data)`` mesh (full batch only): each device computes its tasks'
         gradients on its share of the examples, and ``psum`` assembles ``grad L_MT``.
 
@@ -255,7 +331,7 @@ def multitask_finetune(
             batch_size=batch_size, microbatch_size=microbatch_size,
             drop_remainder=drop_remainder, keep_epochs=keep_epochs,
             record_gradients=record_gradients, opt_state=opt_state,
-            start_epoch=start_epoch, progress=progress)
+            start_epoch=start_epoch, progress=progress, check_finite=check_finite)
     datasets = _checks.task_datasets(task_datasets)
     _checks.float_dtype(params, why="finetuning differentiates every leaf")
     names = [f"task {t}" for t in range(len(datasets))]
@@ -265,15 +341,18 @@ def multitask_finetune(
         if weights.shape != (len(datasets),):
             raise ValueError(f"weights must have one entry per task ({len(datasets)}),"
                              f" got shape {weights.shape}")
-    cfg = _engine.make_config(
+    cfg, consts = _engine.make_config(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=sizes, names=names)
+        key=key, sizes=sizes, names=names, check_finite=check_finite)
     _engine.check_inputs(loss_fn, params, datasets, cfg, names)
     if opt_state is None:
         opt_state = optimizer.init(params)
-    buffer, losses, grads, opt_state = _engine.run_jit(
-        params, opt_state, datasets, weights, key, jnp.asarray(start_epoch), cfg)
+    start = jnp.asarray(start_epoch)
+    buffer, losses, grads, opt_state, finite, _ = _dispatch(
+        lambda c, k: _engine.run_jit(params, opt_state, datasets, weights, key, start, k, c),
+        cfg, consts, "multitask")
+    _engine.check_finite(finite, losses, start_epoch, ["multitask"])
     return Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs, start_epoch),
                       losses, grads, opt_state)

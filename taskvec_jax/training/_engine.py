@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import types
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -34,13 +36,14 @@ import optax
 
 from taskvec_jax import _checks
 from taskvec_jax import tree as tree_lib
-from taskvec_jax.training.microbatch import mean_value_and_grad
+from taskvec_jax.training.microbatch import mean_over_microbatches, mean_value_and_grad
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
-__all__ = ["Config", "Trajectory", "check_inputs", "kept_epochs", "make_config", "run",
-           "run_jit", "run_many", "split_leading"]
+__all__ = ["Closure", "Config", "Trajectory", "check_finite", "check_inputs",
+           "check_optimizer", "execute", "kept_epochs", "make_config", "progress_bar", "run",
+           "run_jit", "run_many", "split_closure", "split_leading", "static_config"]
 
 
 class Trajectory(NamedTuple):
@@ -56,6 +59,9 @@ class Trajectory(NamedTuple):
       epoch_gradients: every leaf ``[num_epochs, ...]``, the sum of each epoch's step
         gradients; ``None`` when ``record_gradients=False``.
       opt_state: the optimizer state after the last epoch (resume from it).
+      model_state: the non-trainable model state after the last epoch (BatchNorm
+        statistics, when finetuning with ``model_state=``); ``None`` otherwise. It is
+        never differentiated and never part of ``params`` (so never of a task vector).
     """
 
     params: PyTree
@@ -63,6 +69,7 @@ class Trajectory(NamedTuple):
     losses: jax.Array
     epoch_gradients: PyTree | None
     opt_state: Any
+    model_state: Any = None
 
     @property
     def final_params(self) -> PyTree:
@@ -83,13 +90,20 @@ class Trajectory(NamedTuple):
 class Config:
     """Everything static about a run; hashable, so it keys the compilation cache.
 
+    ``loss_fn`` and ``update`` are :class:`Closure` templates (the structure of the loss
+    and of the optimizer's ``update``); the numbers they capture are arguments of the
+    program (``consts`` of :func:`run`), so a new ``optax.sgd(lr)`` or a new loss closure
+    that differs only in captured numbers hits the cache. Inside :func:`run` the two
+    fields hold the rebuilt functions.
+
     ``data_axis`` / ``multitask_axis`` are the engine's mesh protocol (module docstring):
     ``None`` for a single-device run; a mesh axis name when :func:`run` is called inside
     a ``jax.shard_map`` that binds it.
     """
 
-    loss_fn: LossFn
-    optimizer: optax.GradientTransformation
+    loss_fn: Any                    # Closure (the key) / the rebuilt loss inside run
+    update: Any                     # Closure (the key) / the rebuilt update inside run
+    extra_args: bool                # update takes value=, grad=, value_fn= (lbfgs)
     num_epochs: int
     batch_size: int | None
     microbatch_size: int | None
@@ -98,22 +112,212 @@ class Config:
     num_slots: int
     keep_start: bool                # relative epoch 0 is kept (in slot 0)
     record_gradients: bool
-    progress: int                   # print every `progress` epochs; 0 = off
+    progress: int                   # report every `progress` epochs; 0 = off
+    check_finite: bool              # emit one finite flag per epoch
     data_axis: str | None = None
     multitask_axis: str | None = None
+    stateful: bool = False          # loss_fn(params, batch, state) -> (loss, new_state)
+
+
+# --------------------------------------------------------------------------- closures
+#
+# The program cache is keyed on STRUCTURE, not on object identity: a new ``optax.sgd(lr)``
+# or a new ``loss_fn`` closure that differs only in the numbers it captures must reuse the
+# compiled program. A Python function is split into a hashable template (its code, its
+# globals, and the structure of what its closure cells hold, recursively) and the numbers
+# it captures (Python floats, jax arrays, float numpy arrays), which become arguments of
+# the compiled program. Inside the program the function is rebuilt from the template with
+# the traced numbers in its cells. A function that uses a captured number in Python
+# control flow (``if lr > 0``) cannot take it traced; such runs fall back to a template
+# that keeps every number static (keyed by value), which is the old behaviour.
+
+
+class _Static:
+    """A cell value kept as it is: equal by ``==`` when hashable, else by identity."""
+
+    __slots__ = ("value", "_key")
+
+    def __init__(self, value):
+        self.value = value
+        try:
+            hash(value)
+            self._key = (type(value), value)
+        except TypeError:
+            self._key = None
+
+    def __eq__(self, other):
+        if not isinstance(other, _Static):
+            return NotImplemented
+        if self._key is None or other._key is None:
+            return self.value is other.value
+        try:
+            return bool(self._key == other._key)
+        except Exception:  # an __eq__ that does not return a bool (arrays inside)
+            return self.value is other.value
+
+    def __hash__(self):
+        return hash(self._key) if self._key is not None else id(self.value)
+
+
+class _Const:
+    """A captured number passed to the program as an argument (jit keys its aval)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return isinstance(other, _Const)
+
+    def __hash__(self):
+        return hash(_Const)
+
+
+def _is_number(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, float):
+        return True
+    if isinstance(v, jax.Array):
+        return True
+    return isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.inexact)
+
+
+def _split(value, consts: list, convert: bool, depth: int, seen: frozenset):
+    """``value`` -> its template; appends the captured numbers to ``consts``."""
+    if convert and _is_number(value):
+        consts.append(value)  # jit traces a Python float weakly typed, like the float
+        return _Const()
+    if depth > 8:
+        return _Static(value)
+    if isinstance(value, types.FunctionType) and id(value) not in seen:
+        cells = value.__closure__ or ()
+        inner = seen | {id(value)}
+        parts = []
+        for cell in cells:
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell (a name assigned after the def)
+                parts.append(_EMPTY)
+                continue
+            parts.append(_split(content, consts, convert, depth + 1, inner))
+        return _FunctionTemplate(value, tuple(parts))
+    if isinstance(value, functools.partial):
+        return _PartialTemplate(
+            _split(value.func, consts, convert, depth + 1, seen),
+            tuple(_split(a, consts, convert, depth + 1, seen) for a in value.args),
+            tuple((k, _split(a, consts, convert, depth + 1, seen))
+                  for k, a in sorted(value.keywords.items())))
+    if type(value) in (tuple, list) or (isinstance(value, tuple) and hasattr(value, "_fields")):
+        return _SeqTemplate(type(value), tuple(_split(v, consts, convert, depth + 1, seen)
+                                               for v in value))
+    return _Static(value)
+
+
+_EMPTY = _Static("<empty cell>")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FunctionTemplate:
+    function: types.FunctionType
+    cells: tuple
+
+    def _key(self):
+        f = self.function
+        return (f.__code__, id(f.__globals__), _Static(f.__defaults__),
+                _Static(None if f.__kwdefaults__ is None
+                        else tuple(sorted(f.__kwdefaults__.items()))), self.cells)
+
+    def __eq__(self, other):
+        return isinstance(other, _FunctionTemplate) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+
+@dataclasses.dataclass(frozen=True)
+class _PartialTemplate:
+    func: Any
+    args: tuple
+    keywords: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class _SeqTemplate:
+    kind: type
+    items: tuple
+
+
+def _rebuild(template, consts):
+    """The value ``template`` describes, with the next entries of ``consts`` (an iterator)."""
+    if isinstance(template, _Const):
+        return next(consts)
+    if isinstance(template, _Static):
+        return template.value
+    if isinstance(template, _FunctionTemplate):
+        f = template.function
+        if not template.cells:
+            return f
+        cells = tuple(types.CellType() if t is _EMPTY else types.CellType(
+            _rebuild(t, consts)) for t in template.cells)
+        g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__,
+                               cells)
+        g.__kwdefaults__ = f.__kwdefaults__
+        g.__dict__.update(f.__dict__)
+        return g
+    if isinstance(template, _PartialTemplate):
+        return functools.partial(_rebuild(template.func, consts),
+                                 *(_rebuild(a, consts) for a in template.args),
+                                 **{k: _rebuild(a, consts) for k, a in template.keywords})
+    if isinstance(template, _SeqTemplate):
+        items = [_rebuild(t, consts) for t in template.items]
+        return template.kind(*items) if hasattr(template.kind, "_fields") else \
+            template.kind(items)
+    raise TypeError(f"not a closure template: {template!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Closure:
+    """A function as (hashable structure, captured numbers): the program-cache key part.
+
+    ``convert=False`` keeps every captured number static (keyed by value).
+    """
+
+    template: Any
+    converted: bool
+
+    def rebuild(self, consts: Sequence[Any]):
+        """The function with ``consts`` (traced inside the program) in its cells."""
+        return _rebuild(self.template, iter(consts))
+
+
+def split_closure(fn, convert: bool = True) -> tuple[Closure, tuple]:
+    """Splits ``fn`` into its :class:`Closure` and the numbers it captures."""
+    consts: list = []
+    template = _split(fn, consts, convert, 0, frozenset())
+    return Closure(template, convert), tuple(consts)
+
+
+_TRACED_NUMBER_ERRORS = (jax.errors.ConcretizationTypeError,
+                         jax.errors.TracerArrayConversionError,
+                         jax.errors.TracerIntegerConversionError)
 
 
 # --------------------------------------------------------------------------- configuration
 
-def _keep_plan(keep_epochs: Sequence[int] | None, num_epochs: int):
+def _keep_plan(keep_epochs: Sequence[int] | str | None, num_epochs: int):
     """Maps each relative epoch 1..E to a snapshot slot; the last epoch is always kept.
 
-    An epoch that is not kept writes into the slot of the next kept epoch, which that
-    epoch overwrites later, so the buffer holds exactly the kept snapshots and no
-    slicing copy is needed at the end.
+    ``None`` (the default) keeps the start and the end (epochs 0 and E), ``"all"`` keeps
+    every epoch. An epoch that is not kept writes into the slot of the next kept epoch,
+    which that epoch overwrites later, so the buffer holds exactly the kept snapshots and
+    no slicing copy is needed at the end.
     """
-    if keep_epochs is None:
+    if isinstance(keep_epochs, str):
+        if keep_epochs != "all":
+            raise ValueError(f"keep_epochs must be None, 'all' or a sequence of epochs, "
+                             f"got {keep_epochs!r}")
         kept = list(range(num_epochs + 1))
+    elif keep_epochs is None:
+        kept = [0, num_epochs]
     else:
         kept = sorted({int(e) for e in keep_epochs} | {num_epochs})
         bad = [e for e in kept if e < 0 or e > num_epochs]
@@ -130,22 +334,38 @@ def _keep_plan(keep_epochs: Sequence[int] | None, num_epochs: int):
     return tuple(kept), tuple(slots), len(kept), keep_start
 
 
+def check_optimizer(optimizer) -> bool:
+    """Raises unless ``optimizer`` has callable ``init`` and ``update``; returns whether
+    its ``update`` takes keyword arguments (``value``, ``grad``, ``value_fn``: optax's
+    ``GradientTransformationExtraArgs``, ``MultiSteps``, ``lbfgs``)."""
+    init, update = getattr(optimizer, "init", None), getattr(optimizer, "update", None)
+    if not (callable(init) and callable(update)):
+        raise ValueError("optimizer must be an optax.GradientTransformation (or any object "
+                         "with init(params) and update(updates, state, params)), got "
+                         f"{type(optimizer).__name__}")
+    try:
+        parameters = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or p.name == "value_fn" for p in parameters)
+
+
 def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
                 drop_remainder, keep_epochs, record_gradients, progress, key,
-                sizes: Sequence[int], names: Sequence[str], data_axis: str | None = None,
-                multitask_axis: str | None = None) -> Config:
-    """Validates the options of a run and returns its :class:`Config`.
+                sizes: Sequence[int], names: Sequence[str], check_finite: bool = True,
+                data_axis: str | None = None, multitask_axis: str | None = None,
+                stateful: bool = False) -> tuple[Config, tuple]:
+    """Validates the options of a run; returns its :class:`Config` and the numbers the
+    loss and the optimizer capture (``consts``, the program's argument).
 
     Raises:
-      ValueError: for a non-callable loss, a non-optax optimizer, non-positive counts or
-        sizes, ``batch_size`` above any dataset's size (naming it), or a missing key in
-        minibatch mode.
+      ValueError: for a non-callable loss, an optimizer without ``init``/``update``,
+        non-positive counts or sizes, ``batch_size`` above any dataset's size (naming
+        it), or a missing key in minibatch mode.
     """
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise ValueError("optimizer must be an optax.GradientTransformation, got "
-                         f"{type(optimizer).__name__}")
+    extra_args = check_optimizer(optimizer)
     num_epochs = _checks.positive_int(num_epochs, "num_epochs")
     batch_size = _checks.positive_int(batch_size, "batch_size", allow_none=True)
     microbatch_size = _checks.positive_int(microbatch_size, "microbatch_size",
@@ -158,13 +378,46 @@ def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
         if key is None:
             raise ValueError(f"batch_size={batch_size} shuffles the data every epoch and "
                              "needs a PRNG key: pass key=jax.random.key(0)")
+    if stateful:
+        if len(sizes) > 1 or data_axis is not None or multitask_axis is not None:
+            raise ValueError("model_state= is supported by finetune and finetune_tasks "
+                             "without a mesh (one dataset per run); multitask and sharded "
+                             "runs take loss_fn(params, batch) only")
+        if microbatch_size is not None:
+            raise ValueError("model_state= with microbatch_size= is not supported: a "
+                             "stateful loss (BatchNorm statistics) over chunks is not the "
+                             "loss over the whole batch; drop microbatch_size")
     _, slots, num_slots, keep_start = _keep_plan(keep_epochs, num_epochs)
     every = int(progress) if progress else 0
-    return Config(loss_fn=loss_fn, optimizer=optimizer, num_epochs=num_epochs,
-                  batch_size=batch_size, microbatch_size=microbatch_size,
-                  drop_remainder=bool(drop_remainder), slots=slots, num_slots=num_slots,
-                  keep_start=keep_start, record_gradients=bool(record_gradients),
-                  progress=every, data_axis=data_axis, multitask_axis=multitask_axis)
+    loss_closure, loss_consts = split_closure(loss_fn)
+    update_closure, update_consts = split_closure(optimizer.update)
+    cfg = Config(loss_fn=loss_closure, update=update_closure, extra_args=extra_args,
+                 num_epochs=num_epochs, batch_size=batch_size,
+                 microbatch_size=microbatch_size, drop_remainder=bool(drop_remainder),
+                 slots=slots, num_slots=num_slots, keep_start=keep_start,
+                 record_gradients=bool(record_gradients), progress=every,
+                 check_finite=bool(check_finite), data_axis=data_axis,
+                 multitask_axis=multitask_axis, stateful=bool(stateful))
+    return cfg, (loss_consts, update_consts)
+
+
+def static_config(cfg: Config, consts) -> tuple[Config, tuple]:
+    """The same run with every captured number static (keyed by value): the fallback for
+    functions that use a captured number in Python control flow."""
+    loss, _ = split_closure(cfg.loss_fn.rebuild(consts[0]), convert=False)
+    update, _ = split_closure(cfg.update.rebuild(consts[1]), convert=False)
+    return dataclasses.replace(cfg, loss_fn=loss, update=update), ((), ())
+
+
+def execute(call: Callable[[Config, tuple], Any], cfg: Config, consts):
+    """``call(cfg, consts)``; if tracing fails because a captured number was traced (a
+    loss or optimizer that branches on it in Python), runs again with it static."""
+    try:
+        return call(cfg, consts)
+    except _TRACED_NUMBER_ERRORS:
+        if not (cfg.loss_fn.converted and any(len(c) for c in consts)):
+            raise
+    return call(*static_config(cfg, consts))
 
 
 def kept_epochs(keep_epochs, num_epochs, start_epoch) -> np.ndarray:
@@ -174,13 +427,31 @@ def kept_epochs(keep_epochs, num_epochs, start_epoch) -> np.ndarray:
 
 
 def check_inputs(loss_fn, params, datasets: Sequence[PyTree], cfg: Config,
-                 names: Sequence[str]) -> None:
+                 names: Sequence[str], model_state=None) -> None:
     """Checks that ``params`` are float and ``loss_fn`` returns a scalar on each dataset
-    (shape evaluation only; call with one representative per shape group)."""
+    (shape evaluation only; call with one representative per shape group). With
+    ``cfg.stateful``: that ``loss_fn(params, batch, state)`` returns ``(scalar, state)``
+    with the state's tree structure, shapes and dtypes."""
     _checks.float_dtype(params, why="finetuning differentiates every leaf")
     for d, name in zip(datasets, names):
         n = _checks.num_examples(d, name=name)
-        _checks.loss_is_scalar(loss_fn, params, d, min(n, cfg.batch_size or n), name)
+        size = min(n, cfg.batch_size or n)
+        if not cfg.stateful:
+            _checks.loss_is_scalar(loss_fn, params, d, size, name)
+            continue
+        batch = jax.tree.map(lambda x: x[:size], d)
+        out = jax.eval_shape(loss_fn, params, batch, model_state)
+        if not (isinstance(out, tuple) and len(out) == 2 and jnp.shape(out[0]) == ()):
+            raise ValueError("with model_state=, loss_fn(params, batch, state) must return "
+                             f"(scalar loss, new_state); on {name} it returned {out}")
+        def sig(tree):
+            leaves, treedef = jax.tree.flatten(tree)
+            return treedef, [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves]
+        if sig(out[1]) != sig(model_state):
+            raise ValueError(
+                f"with model_state=, the new_state loss_fn returns on {name} must match "
+                f"model_state in structure, shapes and dtypes (it is carried through a "
+                f"scan): got {sig(out[1])}, model_state is {sig(model_state)}")
 
 
 # --------------------------------------------------------------------------- epochs
@@ -190,9 +461,31 @@ def _weighted(values: Sequence[Any], weights: jax.Array | None):
     return tree_lib.weighted_sum(list(values), weights)
 
 
-def _optimizer_step(cfg: Config, params, opt_state, grad):
-    updates, opt_state = cfg.optimizer.update(grad, opt_state, params)
+def _optimizer_step(cfg: Config, params, opt_state, grad, loss, value_fn):
+    """One optimizer update. Optimizers whose ``update`` takes keywords get optax's extra
+    arguments ``value`` (the loss at ``params``), ``grad`` and ``value_fn`` (the loss the
+    gradient is of, for line searches such as ``optax.lbfgs``); others ignore them."""
+    if cfg.extra_args:
+        updates, opt_state = cfg.update(grad, opt_state, params, value=loss, grad=grad,
+                                        value_fn=value_fn)
+    else:
+        updates, opt_state = cfg.update(grad, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
+
+
+def _dataset_value(cfg: Config, params, data):
+    """The mean loss over one dataset (the value of :func:`_dataset_value_and_grad`)."""
+    def mean(d):
+        return mean_over_microbatches(lambda b: cfg.loss_fn(params, b), d,
+                                      cfg.microbatch_size)
+    if cfg.data_axis is None:
+        return mean(data)
+    body, tail = data
+    m = jax.tree.leaves(body)[0].shape[0]
+    r = jax.tree.leaves(tail)[0].shape[0]
+    n = m * jax.lax.axis_size(cfg.data_axis) + r
+    total = jax.lax.psum(mean(body) * (m / n), cfg.data_axis) if m else 0.0
+    return total + mean(tail) * (r / n) if r else total
 
 
 def _dataset_value_and_grad(cfg: Config, params, data):
@@ -220,12 +513,24 @@ def _dataset_value_and_grad(cfg: Config, params, data):
     return jax.tree.map(jnp.add, *parts) if len(parts) == 2 else parts[0]
 
 
-def _full_batch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_key):
+def _full_batch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
+                      epoch_key):
     del epoch_key  # full-batch GD is deterministic
+    if cfg.stateful:
+        # one dataset (make_config checks): the state is updated once, by the whole batch
+        (loss, state), grad = jax.value_and_grad(
+            lambda p: cfg.loss_fn(p, datasets[0], state), has_aux=True)(params)
+        params, opt_state = _optimizer_step(
+            cfg, params, opt_state, grad, loss,
+            lambda p: cfg.loss_fn(p, datasets[0], state)[0])
+        return params, opt_state, state, loss, grad
     if cfg.multitask_axis is None:
         results = [_dataset_value_and_grad(cfg, params, d) for d in datasets]
         loss = _weighted([r[0] for r in results], weights)
         grad = _weighted([r[1] for r in results], weights)
+
+        def value_fn(p):
+            return _weighted([_dataset_value(cfg, p, d) for d in datasets], weights)
     else:
         # Sharded multitask: this device's tasks are stacked along axis 0 of datasets[0]
         # and weighted by the local slice of `weights` (0 for padding tasks).
@@ -235,11 +540,16 @@ def _full_batch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_k
             (jnp.tensordot(weights, losses, 1),
              jax.tree.map(lambda g: jnp.tensordot(weights, g, 1), grads)),
             cfg.multitask_axis)
-    params, opt_state = _optimizer_step(cfg, params, opt_state, grad)
-    return params, opt_state, loss, grad
+
+        def value_fn(p):
+            values = jax.vmap(lambda d: _dataset_value(cfg, p, d))(datasets[0])
+            return jax.lax.psum(jnp.tensordot(weights, values, 1), cfg.multitask_axis)
+    params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss, value_fn)
+    return params, opt_state, state, loss, grad
 
 
-def _minibatch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_key):
+def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
+                     epoch_key):
     """One epoch of minibatch steps over one or several datasets.
 
     With several datasets (multitask), every step takes ``B`` examples from each task;
@@ -259,9 +569,17 @@ def _minibatch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_ke
         return _weighted([cfg.loss_fn(p, bt) for bt in batches], weights)
 
     def step(carry, step_idx):
-        params, opt_state, grad_sum, loss_sum = carry
+        params, opt_state, state, grad_sum, loss_sum = carry
         batches = [jax.tree.map(lambda x: jnp.take(x, i, axis=0), d)
                    for d, i in zip(datasets, step_idx)]
+        if cfg.stateful:  # one dataset; the state moves once per step
+            (loss, new_state), grad = jax.value_and_grad(
+                lambda p: cfg.loss_fn(p, batches[0], state), has_aux=True)(params)
+            params, opt_state = _optimizer_step(
+                cfg, params, opt_state, grad, loss,
+                lambda p: cfg.loss_fn(p, batches[0], state)[0])
+            return (params, opt_state, new_state, tree_lib.add(grad_sum, grad),
+                    loss_sum + loss), None
         if cfg.microbatch_size is None:
             loss, grad = jax.value_and_grad(step_loss)(params, batches)
         else:
@@ -269,35 +587,81 @@ def _minibatch_epoch(cfg: Config, params, opt_state, datasets, weights, epoch_ke
                        for bt in batches]
             loss = _weighted([r[0] for r in results], weights)
             grad = _weighted([r[1] for r in results], weights)
-        params, opt_state = _optimizer_step(cfg, params, opt_state, grad)
-        return (params, opt_state, tree_lib.add(grad_sum, grad), loss_sum + loss), None
+        params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss,
+                                            lambda p: step_loss(p, batches))
+        return (params, opt_state, state, tree_lib.add(grad_sum, grad),
+                loss_sum + loss), None
 
-    loss_dtype = jax.eval_shape(
-        step_loss, params,
-        [jax.tree.map(lambda x: x[:b], d) for d in datasets]).dtype
-    carry = (params, opt_state, tree_lib.zeros_like(params), jnp.zeros((), loss_dtype))
+    first = [jax.tree.map(lambda x: x[:b], d) for d in datasets]
+    loss_dtype = (jax.eval_shape(cfg.loss_fn, params, first[0], state)[0] if cfg.stateful
+                  else jax.eval_shape(step_loss, params, first)).dtype
+    carry = (params, opt_state, state, tree_lib.zeros_like(params),
+             jnp.zeros((), loss_dtype))
     carry, _ = jax.lax.scan(step, carry, idx)
     num_steps = steps
     rest = sizes[0] - steps * b
     if len(datasets) == 1 and rest and not cfg.drop_remainder:
         carry, _ = step(carry, (perms[0][steps * b:],))
         num_steps += 1
-    params, opt_state, grad_sum, loss_sum = carry
-    return params, opt_state, loss_sum / num_steps, grad_sum
+    params, opt_state, state, grad_sum, loss_sum = carry
+    return params, opt_state, state, loss_sum / num_steps, grad_sum
 
 
-def _print_progress(epoch, last_epoch, loss, *, every: int):
-    if int(epoch) % every and int(epoch) != int(last_epoch):
+# --------------------------------------------------------------------------- progress
+
+class _BarSlot:
+    """The bar the running program reports to. A plain object, not thread-local: XLA
+    runs host callbacks on its own threads."""
+
+    bar = None
+
+
+_BAR = _BarSlot()
+
+
+class progress_bar:  # noqa: N801 (a context manager used like a function)
+    """A tqdm bar over epochs that :func:`run`'s progress callback advances.
+
+    ``with progress_bar(cfg, desc): ...`` around a dispatch; it waits for the program's
+    callbacks (``jax.effects_barrier``) before closing. With ``cfg.progress == 0`` it does
+    nothing, and the program holds no callback at all.
+    """
+
+    def __init__(self, cfg: Config, desc: str):
+        self.cfg, self.desc = cfg, desc
+
+    def __enter__(self):
+        if self.cfg.progress:
+            from tqdm.auto import tqdm
+            _BAR.bar = tqdm(total=self.cfg.num_epochs, desc=self.desc, unit="epoch",
+                            leave=True, mininterval=0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.cfg.progress:
+            jax.effects_barrier()
+            if _BAR.bar is not None:
+                _BAR.bar.close()
+            _BAR.bar = None
+        return False
+
+
+def _report_progress(rel_epoch, loss):
+    """Host side of the progress callback: moves the bar to ``rel_epoch``, shows the loss."""
+    bar = _BAR.bar
+    if bar is None:
         return
     loss = np.asarray(loss)
-    shown = f"{float(loss):.6g}" if loss.ndim == 0 else np.array2string(
-        loss, precision=5, max_line_width=120)
-    print(f"epoch {int(epoch)}/{int(last_epoch)}  loss {shown}", flush=True)
+    shown = f"{float(loss):.5g}" if loss.ndim == 0 else np.array2string(
+        loss.reshape(-1), precision=4, max_line_width=80)
+    bar.set_postfix_str(f"loss {shown}", refresh=False)
+    bar.update(max(0, int(np.max(np.asarray(rel_epoch))) - bar.n))
 
 
 # --------------------------------------------------------------------------- programs
 
-def run(params, opt_state, datasets, weights, key, start_epoch, cfg: Config):
+def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Config,
+        model_state=None):
     """The whole run: an outer scan over epochs writing snapshots into a buffer.
 
     Args:
@@ -307,45 +671,103 @@ def run(params, opt_state, datasets, weights, key, start_epoch, cfg: Config):
       weights: ``None`` or ``[T]`` multitask weights.
       key: PRNG key for minibatch shuffling (epoch ``e`` uses ``fold_in(key, e)``).
       start_epoch: absolute index of the epoch ``params`` comes from.
+      consts: ``(loss consts, update consts)``, the numbers the loss and the optimizer
+        capture (from :func:`make_config`).
       cfg: the run's :class:`Config`.
+      model_state: with ``cfg.stateful``, the non-trainable state (BatchNorm statistics)
+        that ``loss_fn(params, batch, state) -> (loss, new_state)`` carries; it goes
+        through the scan and is never differentiated.
 
     Returns:
-      ``(buffer, losses, epoch_gradients, opt_state)``.
+      ``(buffer, losses, epoch_gradients, opt_state, finite, model_state)``; ``finite``
+      is ``[E]`` bools (loss and parameters finite after each epoch), ``None`` unless
+      ``cfg.check_finite``; ``model_state`` is the state after the last epoch.
     """
+    cfg = dataclasses.replace(cfg, loss_fn=cfg.loss_fn.rebuild(consts[0]),
+                              update=cfg.update.rebuild(consts[1]))
     epoch_fn = _full_batch_epoch if cfg.batch_size is None else _minibatch_epoch
     buffer = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_slots,) + x.shape)
                           .astype(x.dtype), params)
-    last_epoch = start_epoch + cfg.num_epochs
 
     def body(carry, xs):
-        params, opt_state, buffer = carry
+        params, opt_state, state, buffer = carry
         rel_epoch, slot = xs
         epoch = start_epoch + rel_epoch
         epoch_key = None if key is None else jax.random.fold_in(key, epoch)
-        params, opt_state, loss, grad = epoch_fn(cfg, params, opt_state, datasets,
-                                                 weights, epoch_key)
+        params, opt_state, state, loss, grad = epoch_fn(cfg, params, opt_state, state,
+                                                        datasets, weights, epoch_key)
         if cfg.progress:
-            jax.debug.callback(functools.partial(_print_progress, every=cfg.progress),
-                               epoch, last_epoch, loss)
+            report = jnp.logical_or(rel_epoch % cfg.progress == 0,
+                                    rel_epoch == cfg.num_epochs)
+            jax.lax.cond(report, lambda: jax.debug.callback(
+                _report_progress, rel_epoch, loss), lambda: None)
+        finite = None
+        if cfg.check_finite:
+            # one reduction per epoch; the host reads the [E] flags once, after the run
+            finite = functools.reduce(
+                jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)],
+                jnp.all(jnp.isfinite(loss)))
         buffer = jax.tree.map(lambda b, p: jax.lax.dynamic_update_index_in_dim(
             b, p, slot, 0), buffer, params)
-        ys = (loss, grad if cfg.record_gradients else None)
-        return (params, opt_state, buffer), ys
+        ys = (loss, grad if cfg.record_gradients else None, finite)
+        return (params, opt_state, state, buffer), ys
 
     xs = (jnp.arange(1, cfg.num_epochs + 1), jnp.asarray(cfg.slots, jnp.int32))
-    (_, opt_state, buffer), (losses, grads) = jax.lax.scan(
-        body, (params, opt_state, buffer), xs)
-    return buffer, losses, grads, opt_state
+    (_, opt_state, model_state, buffer), (losses, grads, finite) = jax.lax.scan(
+        body, (params, opt_state, model_state, buffer), xs)
+    return buffer, losses, grads, opt_state, finite, model_state
 
 
 run_jit = jax.jit(run, static_argnames=("cfg",))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def run_many(params, opt_state, datasets, weights, keys, start_epoch, cfg):
+def run_many(params, opt_state, datasets, weights, keys, start_epoch, consts, cfg,
+             model_state=None):
     """:func:`run` vmapped over tasks that share data shapes (one compiled program)."""
-    return jax.vmap(lambda d, k: run(params, opt_state, d, weights, k, start_epoch, cfg),
+    return jax.vmap(lambda d, k: run(params, opt_state, d, weights, k, start_epoch, consts,
+                                     cfg, model_state),
                     in_axes=(0, None if keys is None else 0))(datasets, keys)
+
+
+def check_finite(finite, losses, start_epoch: int, names: Sequence[str]) -> None:
+    """Raises ``FloatingPointError`` for the first epoch (of the first task) whose loss or
+    parameters are not finite, naming the epoch, the task and the last finite loss.
+
+    Args:
+      finite: ``[E]`` (or ``[T, E]`` stacked over tasks) flags from :func:`run`; ``None``
+        when the run did not check.
+      losses: the matching ``[E]`` / ``[T, E]`` losses.
+      start_epoch: absolute index of the epoch the run started from.
+      names: one label per task (``["data"]`` for a single run).
+
+    Under a caller's ``jax.jit`` / ``jax.vmap`` the flags are traced and not checked.
+    """
+    if finite is None:
+        return
+    try:
+        flags = np.asarray(finite)
+    except jax.errors.TracerArrayConversionError:
+        return  # under the caller's jit/vmap: the flags are values of that trace
+    if flags.all():
+        return
+    flags = flags.reshape(-1, flags.shape[-1])
+    losses = np.asarray(losses).reshape(flags.shape + np.shape(losses)[np.ndim(finite):])
+    for t, row in enumerate(flags):
+        if row.all():
+            continue
+        rel = int(np.argmin(row))  # the first False
+        epoch = int(start_epoch) + rel + 1
+        name = names[t] if t < len(names) else f"task {t}"
+        if rel == 0:
+            last = "no epoch of this call ended finite"
+        else:
+            last = (f"the last finite loss was {np.asarray(losses[t, rel - 1]).tolist()} "
+                    f"(epoch {epoch - 1})")
+        raise FloatingPointError(
+            f"{name}: the loss or the parameters became non-finite in epoch {epoch} (loss "
+            f"{np.asarray(losses[t, rel]).tolist()}); {last}. Lower the learning rate, or "
+            "pass check_finite=False to get the raw trajectory")
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -173,32 +173,35 @@ def _split_rows(stacked: PyTree, num_data_shards: int):
 
 @functools.lru_cache(maxsize=64)
 def _compiled(cfg: _engine.Config, mesh: Mesh, kind: str):
-    """One jitted shard_map program per (configuration, mesh, kind); cached."""
+    """One jitted shard_map program per (configuration, mesh, kind); cached. The numbers
+    the loss and the optimizer capture (``consts``) are replicated arguments."""
     nd = mesh.shape[DATA]
     full_batch = cfg.batch_size is None
     data_spec = (P(TASKS, DATA), P(TASKS)) if full_batch else P(TASKS)
 
     if kind == "tasks":
-        def local(params, opt_state, data, keys, start):
-            run = lambda d, k: _engine.run(params, opt_state, (d,), None, k, start, cfg)  # noqa: E731
+        def local(params, opt_state, data, keys, start, consts):
+            run = lambda d, k: _engine.run(params, opt_state, (d,), None, k, start,  # noqa: E731
+                                           consts, cfg)
             return jax.vmap(run, in_axes=(0, None if keys is None else 0))(data, keys)
 
-        def program(params, opt_state, stacked, keys, start):
+        def program(params, opt_state, stacked, keys, start, consts):
             data = _split_rows(stacked, nd) if full_batch else stacked
             return jax.shard_map(
                 local, mesh=mesh, check_vma=False,
-                in_specs=(P(), P(), data_spec, None if keys is None else P(TASKS), P()),
-                out_specs=P(TASKS))(params, opt_state, data, keys, start)
+                in_specs=(P(), P(), data_spec, None if keys is None else P(TASKS), P(),
+                          P()),
+                out_specs=P(TASKS))(params, opt_state, data, keys, start, consts)
     else:
-        def local(params, opt_state, data, weights, start):
-            return _engine.run(params, opt_state, (data,), weights, None, start, cfg)
+        def local(params, opt_state, data, weights, start, consts):
+            return _engine.run(params, opt_state, (data,), weights, None, start, consts, cfg)
 
-        def program(params, opt_state, stacked, weights, start):
+        def program(params, opt_state, stacked, weights, start, consts):
             data = _split_rows(stacked, nd)
             return jax.shard_map(
                 local, mesh=mesh, check_vma=False,
-                in_specs=(P(), P(), data_spec, P(TASKS), P()),
-                out_specs=P())(params, opt_state, data, weights, start)
+                in_specs=(P(), P(), data_spec, P(TASKS), P(), P()),
+                out_specs=P())(params, opt_state, data, weights, start, consts)
 
     return jax.jit(program)
 
@@ -219,10 +222,10 @@ def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
                      optimizer: optax.GradientTransformation, num_epochs: int,
                      mesh: Mesh, *, batch_size: int | None = None,
                      microbatch_size: int | None = None, key: jax.Array | None = None,
-                     drop_remainder: bool = False, keep_epochs: Sequence[int] | None = None,
-                     record_gradients: bool = True, opt_state: Any = None,
-                     start_epoch: int = 0, progress: bool | int = False
-                     ) -> _engine.Trajectory:
+                     drop_remainder: bool = False, keep_epochs: Sequence[int] | str | None = None,
+                     record_gradients: bool = False, opt_state: Any = None,
+                     start_epoch: int = 0, progress: bool | int = False,
+                     check_finite: bool = True) -> _engine.Trajectory:
     """Independent finetunes of ``params`` on ``T`` stacked tasks, sharded over ``mesh``.
 
     ``stacked_data`` leaves are ``[T, N, ...]`` (host arrays, or global jax Arrays built by
@@ -234,19 +237,23 @@ def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
       One :class:`~taskvec_jax.Trajectory` whose leaves have a leading task axis ``T``.
     """
     t, sample, n = _check_stacked(loss_fn, params, stacked_data, mesh)
-    cfg = _engine.make_config(
+    cfg, consts = _engine.make_config(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=[n], names=["task 0"],
+        key=key, sizes=[n], names=["task 0"], check_finite=check_finite,
         data_axis=DATA if batch_size is None else None)
     _checks.loss_is_scalar(loss_fn, params, sample, min(n, cfg.batch_size or n), "task 0")
     keys = None if key is None else jnp.stack([jax.random.fold_in(key, i)
                                                for i in range(t)])
     if opt_state is None:
         opt_state = optimizer.init(params)
-    buffer, losses, grads, states = _compiled(cfg, mesh, "tasks")(
-        params, opt_state, stacked_data, keys, jnp.asarray(start_epoch))
+    start = jnp.asarray(start_epoch)
+    with _engine.progress_bar(cfg, f"{t} tasks"):
+        buffer, losses, grads, states, finite, _ = _engine.execute(
+            lambda c, k: _compiled(c, mesh, "tasks")(params, opt_state, stacked_data, keys,
+                                                     start, k), cfg, consts)
+    _engine.check_finite(finite, losses, start_epoch, [f"task {i}" for i in range(t)])
     return _engine.Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs,
                                                           start_epoch),
                               losses, grads, states)
@@ -256,10 +263,10 @@ def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
                       optimizer: optax.GradientTransformation, num_epochs: int,
                       mesh: Mesh, *, weights: jax.Array, batch_size: int | None = None,
                       microbatch_size: int | None = None, drop_remainder: bool = False,
-                      keep_epochs: Sequence[int] | None = None,
-                      record_gradients: bool = True, opt_state: Any = None,
-                      start_epoch: int = 0, progress: bool | int = False
-                      ) -> _engine.Trajectory:
+                      keep_epochs: Sequence[int] | str | None = None,
+                      record_gradients: bool = False, opt_state: Any = None,
+                      start_epoch: int = 0, progress: bool | int = False,
+                      check_finite: bool = True) -> _engine.Trajectory:
     """Full-batch GD on ``sum_t w_t L_t`` with tasks and examples sharded over ``mesh``.
 
     ``weights`` has one entry per stacked task (0 for padding tasks). Every device computes
@@ -270,16 +277,20 @@ def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
         raise ValueError("multitask_finetune with mesh= runs full-batch GD; minibatch "
                          "multitask runs without a mesh")
     _, sample, n = _check_stacked(loss_fn, params, stacked_data, mesh)
-    cfg = _engine.make_config(
+    cfg, consts = _engine.make_config(
         loss_fn, optimizer, num_epochs, batch_size=None, microbatch_size=microbatch_size,
         drop_remainder=drop_remainder, keep_epochs=keep_epochs,
         record_gradients=record_gradients, progress=progress, key=None, sizes=[n],
-        names=["task 0"], data_axis=DATA, multitask_axis=TASKS)
+        names=["task 0"], check_finite=check_finite, data_axis=DATA, multitask_axis=TASKS)
     _checks.loss_is_scalar(loss_fn, params, sample, n, "task 0")
     if opt_state is None:
         opt_state = optimizer.init(params)
-    buffer, losses, grads, opt_state = _compiled(cfg, mesh, "multitask")(
-        params, opt_state, stacked_data, jnp.asarray(weights), jnp.asarray(start_epoch))
+    start, weights = jnp.asarray(start_epoch), jnp.asarray(weights)
+    with _engine.progress_bar(cfg, "multitask"):
+        buffer, losses, grads, opt_state, finite, _ = _engine.execute(
+            lambda c, k: _compiled(c, mesh, "multitask")(params, opt_state, stacked_data,
+                                                         weights, start, k), cfg, consts)
+    _engine.check_finite(finite, losses, start_epoch, ["multitask"])
     return _engine.Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs,
                                                           start_epoch),
                               losses, grads, opt_state)
