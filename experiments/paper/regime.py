@@ -71,7 +71,8 @@ def sweep_learning_rates(loss_fn, params, data, optimizer, learning_rates, num_e
     def one(lr):
         traj = tvj.finetune(loss_fn, params, data, optimizer, num_epochs,
                             batch_size=batch_size, key=key,
-                            opt_state=_with_learning_rate(state0, lr))
+                            opt_state=_with_learning_rate(state0, lr),
+                            keep_epochs="all", record_gradients=True)
         return (analysis.normalized_contributions(traj),
                 analysis.cosines_to_first_epoch(traj, min(cosine_epochs, num_epochs)),
                 analysis.relative_movement(traj.final_params, params),
