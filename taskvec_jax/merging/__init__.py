@@ -40,3 +40,18 @@ __all__ = [
     "greedy_soup", "learned_soup", "magnitude_mask", "task_arithmetic", "ties",
     "ties_merge", "trim", "uniform_soup",
 ]
+from taskvec_jax.merging import matrices  # noqa: E402
+from taskvec_jax.merging.subspace import (  # noqa: E402
+    iso_c,
+    iso_c_task_vector,
+    iso_cts,
+    iso_cts_task_vector,
+    task_interference,
+    tsv,
+    tsv_task_vector,
+)
+
+__all__ += [
+    "iso_c", "iso_c_task_vector", "iso_cts", "iso_cts_task_vector", "matrices",
+    "task_interference", "tsv", "tsv_task_vector",
+]
