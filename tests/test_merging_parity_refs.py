@@ -199,3 +199,215 @@ def test_quirk_fusion_bench_task_interference_raises_paper_formula_used(fb):
         fb["interference"].compute_task_singular_interference([sds[0]["w"]])
     with pytest.raises(RuntimeError):
         fb["interference"].compute_task_singular_interference([sds[0]["w"]] * 2)
+
+
+# --------------------------------------------------------------------------- MagMax
+
+def test_magmax_matches_fusion_bench(fb):
+    sds = torch_state(9, 3)
+    ref = fb["magmax"]._magmax_select(sds)
+    taus = [to_flax(sd) for sd in sds]
+    assert_matches(M.magmax_task_vector(taus), ref, tol=dict(rtol=0, atol=0))
+    merged = M.magmax(zeros_like_flax(taus[0]), taus, alpha=0.3)
+    assert_matches(merged, {k: 0.3 * v for k, v in ref.items()})
+
+
+def test_quirk_magmax_ties_in_magnitude_go_to_the_later_task(fb):
+    a = np.array([1.0, -2.0, 3.0, 0.0])
+    b = np.array([-1.0, 2.0, 1.0, -0.0])
+    ref = fb["magmax"]._magmax_select([{"v": torch.tensor(a)}, {"v": torch.tensor(b)}])
+    ours = M.magmax_task_vector([{"v": jnp.asarray(a)}, {"v": jnp.asarray(b)}])["v"]
+    np.testing.assert_array_equal(ref["v"].numpy(), [-1.0, 2.0, 3.0, 0.0])
+    np.testing.assert_array_equal(ours, ref["v"].numpy())
+    assert np.signbit(ours[3]) and np.signbit(ref["v"].numpy()[3])   # the later -0.0
+
+
+# --------------------------------------------------------------------------- TALL masks
+
+@pytest.mark.parametrize("mask_lambda", [0.2, 0.6, 1.0])
+def test_tall_masks_match_fusion_bench_definition(fb, mask_lambda):
+    rng = np.random.default_rng(10)
+    num_tasks, n = 4, 50
+    ptm = rng.normal(size=n)
+    taus = rng.normal(size=(num_tasks, n)) * rng.uniform(0.1, 2, size=(num_tasks, 1))
+    taus[:, :5] = 0.0                      # where tau_t = 0 the strict ">" keeps nothing
+    ft = ptm + taus
+    ref = quiet(fb["tall_mask"].generate_task_masks, torch.tensor(ft - ptm),
+                torch.tensor(ft), torch.tensor(ptm), tall_mask_lambda=mask_lambda).numpy()
+    ours = M.tall_masks([{"v": jnp.asarray(ft[t] - ptm)} for t in range(num_tasks)],
+                        mask_lambda=mask_lambda)
+    np.testing.assert_array_equal(np.stack([m["v"] for m in ours]), ref)
+    # consensus: kept by at least k tasks, the reference's threshold on the mask counts
+    for k in (0, 1, 2, num_tasks + 1):
+        cons = M.consensus_mask([{"v": jnp.asarray(ft[t] - ptm)} for t in range(num_tasks)],
+                                mask_lambda=mask_lambda, min_tasks=k)["v"]
+        np.testing.assert_array_equal(cons, ref.sum(0) >= k)
+
+
+def test_quirk_tall_mask_comparison_is_strict(fb):
+    # |tau_t| > lambda |tau_MTL - tau_t| (the paper writes >=): an entry exactly on the
+    # boundary is dropped. Here tau_1 = 1, tau_2 = 1 so tau_MTL - tau_1 = 1 = |tau_1|.
+    ptm = torch.zeros(1, dtype=torch.float64)
+    ft = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
+    ref = quiet(fb["tall_mask"].generate_task_masks, ft - ptm, ft, ptm,
+                tall_mask_lambda=1.0).numpy()
+    ours = M.tall_masks([{"v": jnp.ones(1)}, {"v": jnp.ones(1)}], mask_lambda=1.0)
+    assert not ref.any() and not any(bool(m["v"][0]) for m in ours)
+
+
+# --------------------------------------------------------------------------- mergekit
+
+def _ids(num_tasks):
+    return ["base"] + [f"t{t}" for t in range(num_tasks)]
+
+
+def _della_reference(monkeypatch, base, taus, key, method, **params):
+    """mergekit's own merge per tensor, its Bernoulli draws replaced by our uniforms.
+
+    Our draw for task t, leaf i is ``uniform(fold_in(fold_in(key, t), i))`` in the flax
+    layout; mergekit draws ``torch.bernoulli(probs)`` once per task per tensor, in the
+    PyTorch layout, so the fake returns ``u.T < probs`` (for a 1-D tensor, ``u[None]``).
+    """
+    from mergekit.merge_methods.api import merge_tensors
+    queue = []
+    real = torch.bernoulli
+
+    def fake(probs, *args, **kwargs):
+        u = queue.pop(0)
+        assert u.shape == probs.shape
+        return (u < probs).to(probs.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", fake)
+    out = {}
+    try:
+        for i, name in enumerate(["b", "w"]):
+            queue.clear()
+            for t, tau in enumerate(taus):
+                u = np.asarray(jax.random.uniform(
+                    jax.random.fold_in(jax.random.fold_in(key, t), i), tau[name].shape,
+                    jnp.float64))
+                queue.append(torch.tensor(u.T if u.ndim == 2 else u[None]))
+            tb = torch.tensor(np.asarray(base[name]).T)
+            tensors = [tb] + [tb + torch.tensor(np.asarray(tau[name]).T) for tau in taus]
+            res = merge_tensors(tensors, method, parameters=params, ids=_ids(len(taus)),
+                                base_index=0)
+            out[name] = res.numpy().T
+            assert not queue
+    finally:
+        monkeypatch.setattr(torch, "bernoulli", real)
+    return out
+
+
+def _della_trees(seed, num_tasks):
+    rng = np.random.default_rng(seed)
+    base = {"b": jnp.asarray(rng.normal(size=9)), "w": jnp.asarray(rng.normal(size=(8, 5)))}
+    taus = [{"b": jnp.asarray(rng.normal(size=9)),
+             "w": jnp.asarray(rng.normal(size=(8, 5)))} for _ in range(num_tasks)]
+    return base, taus
+
+
+# mergekit's sparsification runs in float32 on CPU even for float64 tensors (its
+# ``work_dtype``), so its DELLA results agree with float64 math to float32 precision.
+F32 = dict(rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("consensus", ["mass", "count"])
+def test_della_matches_mergekit(monkeypatch, consensus):
+    from mergekit.merge_methods.generalized_task_arithmetic import (
+        ConsensusMethod, GeneralizedTaskArithmeticMerge)
+    from mergekit.sparsify import SparsificationMethod
+    base, taus = _della_trees(11, 3)
+    key = jax.random.key(3)
+    weights = [1.0, 0.5, 2.0]
+    method = GeneralizedTaskArithmeticMerge(
+        consensus_method=ConsensusMethod.sum if consensus == "mass" else ConsensusMethod.count,
+        sparsification_method=SparsificationMethod.della_magprune, default_normalize=True,
+        default_rescale=True, method_name="della_test", method_pretty_name=None,
+        method_reference_url=None)
+    params = {"density": 0.6, "epsilon": 0.2, "lambda": 0.8,
+              "weight": dict(zip(_ids(3)[1:], weights))}
+    ref = _della_reference(monkeypatch, base, taus, key, method, **params)
+    ours = M.della(base, taus, key=key, density=0.6, epsilon=0.2, alpha=0.8,
+                   weights=weights, consensus=consensus)
+    for name in ("b", "w"):
+        np.testing.assert_allclose(ours[name], ref[name], **F32)
+
+
+def test_della_linear_matches_mergekit(monkeypatch):
+    base, taus = _della_trees(12, 2)
+    key = jax.random.key(4)
+    ref = _della_reference(monkeypatch, base, taus, key, "della_linear", density=0.4,
+                           epsilon=0.1, weight={"t0": 0.7, "t1": 1.3})
+    ours = M.della_linear(base, taus, key=key, density=0.4, epsilon=0.1, alpha=[0.7, 1.3])
+    for name in ("b", "w"):
+        np.testing.assert_allclose(ours[name], ref[name], **F32)
+
+
+def test_quirk_mergekit_della_rescales_the_l1_norm_in_float32():
+    # rescale: true multiplies the kept entries by ||tau||_1 / ||kept||_1 (not by 1/p as in
+    # the DELLA paper), computed in float32 for a float64 CPU tensor.
+    from mergekit.sparsify import della_magprune
+    torch.manual_seed(0)
+    x = torch.randn(4, 50, dtype=torch.float64)
+    out = della_magprune(x, density=0.5, epsilon=0.2, rescale_norm="l1")
+    assert out.dtype == torch.float64
+    np.testing.assert_allclose(out.abs().sum().item(), x.abs().sum().item(), rtol=1e-6)
+    kept = out != 0
+    np.testing.assert_allclose((out[kept] / x[kept]).numpy(), (out[kept] / x[kept])[0].item(),
+                               rtol=1e-6)                 # one factor for the whole tensor
+    f32 = out.numpy().astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(out.numpy(), f32)       # float32 values, widened
+
+
+def _mergekit_ties_count(base, taus, density):
+    from mergekit.merge_methods.api import merge_tensors
+    from mergekit.merge_methods.generalized_task_arithmetic import (
+        ConsensusMethod, GeneralizedTaskArithmeticMerge)
+    from mergekit.sparsify import SparsificationMethod
+    method = GeneralizedTaskArithmeticMerge(
+        consensus_method=ConsensusMethod.count,
+        sparsification_method=SparsificationMethod.magnitude, default_normalize=True,
+        default_rescale=False, method_name="ties_count_test", method_pretty_name=None,
+        method_reference_url=None)
+    tb = torch.tensor(np.asarray(base))
+    tensors = [tb] + [tb + torch.tensor(np.asarray(t)) for t in taus]
+    return merge_tensors(tensors, method, parameters={"density": density, "weight": 1.0},
+                         ids=_ids(len(taus)), base_index=0).numpy()
+
+
+@pytest.mark.skipif("consensus" not in __import__("inspect").signature(M.ties).parameters,
+                    reason="needs ties(..., consensus=) from the merging redesign branch")
+@pytest.mark.parametrize("k", [3, 17, 40])
+def test_ties_count_consensus_matches_mergekit(k):
+    # mergekit's `ties` with `consensus: count`: trim each tensor to its k largest
+    # magnitudes, elect the sign by the count of signs, mean of the agreeing values.
+    # density = k / n keeps exactly k here (mergekit keeps int(density * n), equal to k
+    # for these k; see the next test for where it is not).
+    rng = np.random.default_rng(13)
+    n, num_tasks = 60, 4
+    base = rng.normal(size=n)
+    taus = [rng.normal(size=n) for _ in range(num_tasks)]
+    density = k / n
+    assert int(density * n) == k
+    ref = _mergekit_ties_count(base, taus, density)
+    ours = np.asarray(M.ties({"v": jnp.asarray(base)}, [{"v": jnp.asarray(t)} for t in taus],
+                             density=density, scope="leaf", consensus="count")["v"])
+    trimmed = np.stack([np.asarray(M.trim({"v": jnp.asarray(t)}, density=density,
+                                          scope="leaf")["v"]) for t in taus])
+    untied = np.sign(trimmed).sum(0) != 0
+    np.testing.assert_allclose(ours[untied], ref[untied], **TOL)
+    # A tied count (as many + as -) elects + in mergekit: the mean of the positive values.
+    pos = np.where(trimmed > 0, trimmed, 0).sum(0) / np.maximum((trimmed > 0).sum(0), 1)
+    np.testing.assert_allclose(ref[~untied], base[~untied] + pos[~untied], **TOL)
+
+
+def test_quirk_mergekit_magnitude_keeps_int_of_density_times_n():
+    # mergekit keeps max(1, int(density * n)): for density = k / n the float product can
+    # land just below k and keep k - 1; our count rule reads k / n and keeps exactly k.
+    n, k = next((n, k) for n in range(2, 200) for k in range(1, n)
+                if int((k / n) * n) == k - 1)
+    from mergekit.sparsify import magnitude
+    x = torch.tensor(np.random.default_rng(14).normal(size=n))
+    assert int((magnitude(x, density=k / n) != 0).sum()) == max(1, k - 1)
+    ours = M.trim({"v": jnp.asarray(x.numpy())}, density=k / n, scope="leaf")["v"]
+    assert int((np.asarray(ours) != 0).sum()) == k

@@ -55,3 +55,20 @@ __all__ += [
     "iso_c", "iso_c_task_vector", "iso_cts", "iso_cts_task_vector", "matrices",
     "task_interference", "tsv", "tsv_task_vector",
 ]
+from taskvec_jax.merging.selection import (  # noqa: E402
+    consensus,
+    consensus_mask,
+    della,
+    della_keep_probabilities,
+    della_linear,
+    della_prune,
+    magmax,
+    magmax_task_vector,
+    tall_mask_models,
+    tall_masks,
+)
+
+__all__ += [
+    "consensus", "consensus_mask", "della", "della_keep_probabilities", "della_linear",
+    "della_prune", "magmax", "magmax_task_vector", "tall_mask_models", "tall_masks",
+]
