@@ -72,3 +72,6 @@ __all__ += [
     "consensus", "consensus_mask", "della", "della_keep_probabilities", "della_linear",
     "della_prune", "magmax", "magmax_task_vector", "tall_mask_models", "tall_masks",
 ]
+from taskvec_jax.merging.geometric import model_stock, model_stock_ratio, slerp  # noqa: E402
+
+__all__ += ["model_stock", "model_stock_ratio", "slerp"]

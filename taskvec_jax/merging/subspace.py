@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from taskvec_jax import _checks
 from taskvec_jax.merging import _common, _leafwise
 from taskvec_jax.merging.matrices import (
     MatrixRule,
@@ -382,11 +383,12 @@ def tsv(base: PyTree, task_vectors: Sequence[PyTree], *, alpha: Any = 1.0,
 # --------------------------------------------------------------------------- interference
 
 def task_interference(task_vectors: Sequence[PyTree], *,
-                      is_matrix: MatrixRule = default_is_matrix,
+                      is_matrix: MatrixRule = default_is_matrix, rank: int | None = None,
                       reduce: bool = True) -> jax.Array | dict[str, jax.Array]:
     """Singular task interference (Gargiulo et al., CVPR 2025, the TSV paper).
 
-    Per matrix leaf, from the full thin SVDs ``tau_t = U_t S_t V_t^T``, with
+    Per matrix leaf, from each task's top ``k`` singular triplets ``U_t S_t V_t^T``
+    (``k = rank``, default ``min(m, n) // T``: the triplets TSV-M keeps), with
     ``U = [U_1 .. U_T]`` and ``V = [V_1 .. V_T]`` side by side and
     ``S = diag(S_1 .. S_T)``:
 
@@ -401,6 +403,7 @@ def task_interference(task_vectors: Sequence[PyTree], *,
     Args:
       task_vectors: a non-empty sequence of task vectors with one structure.
       is_matrix: see :mod:`~taskvec_jax.merging.matrices`.
+      rank: triplets per task (capped at ``min(m, n)``); ``None``: ``min(m, n) // T``.
       reduce: sum over the matrix leaves (a scalar) or return ``{path: STI}``.
 
     Returns:
@@ -414,14 +417,16 @@ def task_interference(task_vectors: Sequence[PyTree], *,
                          f"got {is_matrix!r}")
     _common.flatten_tasks(task_vectors)
     _leafwise.check_real(task_vectors, "task_interference")
-    out = _interference_jit(tuple(task_vectors), is_matrix=is_matrix)
+    if rank is not None:
+        rank = _checks.positive_int(rank, "rank")
+    out = _interference_jit(tuple(task_vectors), is_matrix=is_matrix, rank=rank)
     if not out:
         raise ValueError("task_interference: no leaf is a matrix under is_matrix")
     return sum(out.values()) if reduce else out
 
 
-@functools.partial(jax.jit, static_argnames=("is_matrix",))
-def _interference_jit(task_vectors, *, is_matrix):
+@functools.partial(jax.jit, static_argnames=("is_matrix", "rank"))
+def _interference_jit(task_vectors, *, is_matrix, rank):
     paths = _common.leaf_paths(task_vectors[0])
     task_leaves = [_common.flatten(tau)[0] for tau in task_vectors]
     out = {}
@@ -433,8 +438,12 @@ def _interference_jit(task_vectors, *, is_matrix):
         if split is None:
             continue
         adt = _common.accumulation_dtype(jnp.result_type(x0))
-        svds = [_svd(as_matrix(jnp.asarray(leaves[i]).astype(adt), split))
+        mats = [as_matrix(jnp.asarray(leaves[i]).astype(adt), split)
                 for leaves in task_leaves]
+        k = min(min(mats[0].shape), rank) if rank else min(mats[0].shape) // len(mats)
+        if k == 0:
+            continue
+        svds = [(u[:, :k], s[:k], vh[:k]) for u, s, vh in map(_svd, mats)]
         u = jnp.concatenate([s[0] for s in svds], axis=1)
         s = jnp.concatenate([s[1] for s in svds])
         v = jnp.concatenate([s[2].T for s in svds], axis=1)
