@@ -23,7 +23,7 @@ import os
 import sys
 import types
 
-__all__ = ["fusion_bench_module", "fusion_bench_root"]
+__all__ = ["fusion_bench_module", "fusion_bench_root", "fusion_bench_slerp"]
 
 
 def fusion_bench_root() -> str:
@@ -90,6 +90,7 @@ _FILES = {
     "interference": "method/task_singular_vector/utils/task_singular_interference.py",
     "magmax": "method/magmax/magmax.py",
     "tall_mask": "method/tall_mask/utils.py",
+    "slerp": "method/slerp/slerp_utils.py",
 }
 
 
@@ -105,3 +106,8 @@ def fusion_bench_module(which: str) -> types.ModuleType:
     for i in range(3, len(parts) + 1):
         _package(".".join(parts[:i]), os.path.join(root, *parts[1:i]))
     return _load(name, os.path.join(root, rel))
+
+
+def fusion_bench_slerp():
+    """FusionBench's per-tensor ``slerp(t, v0, v1)``."""
+    return fusion_bench_module("slerp").slerp

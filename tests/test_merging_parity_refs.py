@@ -411,3 +411,30 @@ def test_quirk_mergekit_magnitude_keeps_int_of_density_times_n():
     assert int((magnitude(x, density=k / n) != 0).sum()) == max(1, k - 1)
     ours = M.trim({"v": jnp.asarray(x.numpy())}, density=k / n, scope="leaf")["v"]
     assert int((np.asarray(ours) != 0).sum()) == k
+
+
+# --------------------------------------------------------------------------- geometric
+
+def test_slerp_matches_fusion_bench_per_tensor():
+    slerp_ref = reference_impls.fusion_bench_slerp()
+    rng = np.random.default_rng(15)
+    a, b = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    for t in (0.0, 0.3, 1.0):
+        ref = slerp_ref(t, torch.tensor(a), torch.tensor(b)).numpy()
+        ours = M.slerp({"w": jnp.asarray(a.T)}, {"w": jnp.asarray(b.T)}, t=t)["w"]
+        np.testing.assert_allclose(ours, ref.T, **TOL)
+    # nearly collinear: both fall back to linear interpolation
+    ref = slerp_ref(0.3, torch.tensor(a), torch.tensor(2 * a + 1e-6)).numpy()
+    ours = M.slerp({"w": jnp.asarray(a)}, {"w": jnp.asarray(2 * a + 1e-6)}, t=0.3)["w"]
+    np.testing.assert_allclose(ours, ref, **TOL)
+
+
+def test_model_stock_matches_mergekit():
+    from mergekit.merge_methods.api import merge_tensors
+    rng = np.random.default_rng(16)
+    base = rng.normal(size=(6, 4))
+    taus = [0.5 * rng.normal(size=(6, 4)) + rng.normal(size=(1, 4)) for _ in range(3)]
+    ref = merge_tensors([torch.tensor(base)] + [torch.tensor(base + t) for t in taus],
+                        "model_stock", ids=_ids(3), base_index=0).numpy()
+    ours = M.model_stock({"w": jnp.asarray(base.T)}, [{"w": jnp.asarray(t.T)} for t in taus])
+    np.testing.assert_allclose(ours["w"], ref.T, **TOL)
