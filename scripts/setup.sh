@@ -26,4 +26,14 @@ if [ -x "$venv/bin/uv" ]; then
 else
   "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
 fi
+# Merge-method references for the parity tests, without their framework dependencies
+# (see pyproject.toml's parity extra and tests/reference_impls.py).
+if [[ ",$extras," == *",parity,"* ]]; then
+  if [ -x "$venv/bin/uv" ]; then
+    VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --no-deps \
+      fusion-bench==0.2.33 mergekit==0.1.5 >&2
+  else
+    "$venv/bin/python" -m pip install -q --no-deps fusion-bench==0.2.33 mergekit==0.1.5
+  fi
+fi
 echo "$want" > "$stamp"
