@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from taskvec_jax import _checks
+from taskvec_jax import tree as tree_lib
 from taskvec_jax.merging import _common, _leafwise
 from taskvec_jax.merging.matrices import (
     MatrixRule,
@@ -149,8 +150,7 @@ def _matrix_jit(ref, mats, alphas, *, method, fraction):
 @jax.jit
 def _mean_jit(ref, xs, alphas):
     """A leaf that is not a matrix: ``ref + (1/T) sum_t alpha_t tau_t``."""
-    ys = _leafwise.scaled(xs, alphas)
-    return _leafwise.finish(ref, sum(ys[1:], ys[0]) / len(ys), xs[0])
+    return tree_lib.weighted_sum(list(xs), alphas / len(xs), start=ref)
 
 
 def _leaf(path, ref, xs, alphas, *, method, is_matrix, fraction):
