@@ -438,3 +438,22 @@ def test_model_stock_matches_mergekit():
                         "model_stock", ids=_ids(3), base_index=0).numpy()
     ours = M.model_stock({"w": jnp.asarray(base.T)}, [{"w": jnp.asarray(t.T)} for t in taus])
     np.testing.assert_allclose(ours["w"], ref.T, **TOL)
+
+
+def test_quirk_mergekit_slerp_interpolates_each_output_row_separately():
+    # mergekit 0.1.5 slerps row by row of the leading axis: a 1-D tensor is a column of
+    # scalars, each pair collinear, so it is the linear interpolation; ours (per tensor,
+    # as FusionBench) follows the arc of the whole tensor.
+    from mergekit.merge_methods.slerp import slerp as mergekit_slerp
+    rng = np.random.default_rng(17)
+    a, b = rng.normal(size=6), rng.normal(size=6)
+    ref = mergekit_slerp(torch.tensor(0.3), torch.tensor(a), torch.tensor(b)).numpy()
+    np.testing.assert_allclose(ref, 0.7 * a + 0.3 * b, **TOL)
+    ours = np.asarray(M.slerp({"v": jnp.asarray(a)}, {"v": jnp.asarray(b)}, t=0.3)["v"])
+    assert np.abs(ours - ref).max() > 1e-3
+    w0, w1 = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    rows = mergekit_slerp(torch.tensor(0.3), torch.tensor(w0), torch.tensor(w1)).numpy()
+    for i in range(3):
+        np.testing.assert_allclose(rows[i], M.slerp({"v": jnp.asarray(w0[i])},
+                                                    {"v": jnp.asarray(w1[i])}, t=0.3)["v"],
+                                   **TOL)

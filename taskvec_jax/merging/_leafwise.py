@@ -1,7 +1,8 @@
 """One driver for merges computed leaf by leaf from all tasks at once (private).
 
 ``merge_leaves(base, task_vectors, alphas, leaf_fn)`` calls
-``leaf_fn(path, split_key, ref, xs, alphas)`` for every float leaf. ``leaf_fn`` is
+``leaf_fn(path, ref, xs, alphas)`` for every float leaf (``ref`` the base's leaf or
+``None``, ``xs`` the ``T`` task vectors' leaves). ``leaf_fn`` is
 expected to be a jitted function of the leaf alone: called eagerly, each leaf is one small
 compiled program, cached by shape, so models with repeated layer shapes compile each shape
 once (one program for the whole tree would be recompiled for every new structure); under
