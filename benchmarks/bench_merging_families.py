@@ -35,10 +35,41 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_merging import _device_peak, _reset_peak, _rss, vit_b32_shapes
+from benchmarks.bench_merging import vit_b32_shapes
 
 METHODS = ("iso_c", "iso_cts", "tsv", "magmax", "consensus", "della", "model_stock",
            "slerp")
+
+
+def _rss(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (as benchmarks/bench_merging.py)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    """Resets ``VmHWM`` to the current RSS (writing 5 to clear_refs, Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _device_peak(side: str) -> int | None:
+    """Peak accelerator bytes in use, if the run is on one (else ``None``: host RSS)."""
+    if side == "torch":
+        import torch
+        return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+    import jax
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    stats = dev.memory_stats() or {}
+    return int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
 
 
 def _jax_fn(method, base, taus):
@@ -147,7 +178,7 @@ def worker(method: str, side: str, num_tasks: int, blocks: int,
         seconds.append(time.perf_counter() - t0)
         extra.append(_rss("VmHWM") - before)
         del out
-    device_peak = _device_peak("torch_" + method if side == "torch" else method)
+    device_peak = _device_peak(side)
     if device_peak is not None:
         extra = [device_peak - (num_tasks + 1) * model_bytes]
     return {"method": method, "side": side, "num_tasks": num_tasks, "params": n_params,
