@@ -30,7 +30,7 @@ def test_count_of_k_over_n_is_k_exhaustively_for_small_n():
     assert all(_common.count_of(k / n, n) == k for n in range(1, 200) for k in range(1, n + 1))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(st.integers(1, 10_000).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))))
 def test_trim_keeps_exactly_k(nk):
     n, k = nk

@@ -447,12 +447,12 @@ def test_quirk_mergekit_slerp_interpolates_each_output_row_separately():
     from mergekit.merge_methods.slerp import slerp as mergekit_slerp
     rng = np.random.default_rng(17)
     a, b = rng.normal(size=6), rng.normal(size=6)
-    ref = mergekit_slerp(torch.tensor(0.3), torch.tensor(a), torch.tensor(b)).numpy()
+    ref = mergekit_slerp(torch.tensor(0.3, dtype=torch.float64), torch.tensor(a), torch.tensor(b)).numpy()
     np.testing.assert_allclose(ref, 0.7 * a + 0.3 * b, **TOL)
     ours = np.asarray(M.slerp({"v": jnp.asarray(a)}, {"v": jnp.asarray(b)}, t=0.3)["v"])
     assert np.abs(ours - ref).max() > 1e-3
     w0, w1 = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
-    rows = mergekit_slerp(torch.tensor(0.3), torch.tensor(w0), torch.tensor(w1)).numpy()
+    rows = mergekit_slerp(torch.tensor(0.3, dtype=torch.float64), torch.tensor(w0), torch.tensor(w1)).numpy()
     for i in range(3):
         np.testing.assert_allclose(rows[i], M.slerp({"v": jnp.asarray(w0[i])},
                                                     {"v": jnp.asarray(w1[i])}, t=0.3)["v"],

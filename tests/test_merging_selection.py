@@ -128,7 +128,7 @@ def test_della_merge_hand_worked_with_density_one():
     np.testing.assert_allclose(lin, [10.0, -4.0, -4.0], **TOL)
 
 
-@pytest.mark.parametrize("method", ["magmax", "consensus", "della", "della_linear"])
+@pytest.mark.parametrize("method", ["magmax", "consensus", "della"])
 def test_jit_equals_eager_and_non_float_leaves_kept(method):
     taus = [{"w": rand(t, 5, 4), "step": None} for t in range(3)]
     base = {"w": rand(7, 5, 4), "step": jnp.int32(3)}

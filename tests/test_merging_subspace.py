@@ -139,6 +139,8 @@ def test_model_form_alpha_scalar_and_per_task_none_leaves_and_dtype(method):
     np.testing.assert_allclose(per["w"], fn(base, scaled)["w"], **TOL)
     jitted = jax.jit(lambda b, t, a: fn(b, t, alpha=a))(base, taus, jnp.float64(0.5))
     np.testing.assert_allclose(jitted["w"], out["w"], **TOL)
+    if method != "iso_c":
+        return        # the low-precision path is the shared driver's: checked once
     low = fn(jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float64
                           else x, base),
              [{"w": t["w"].astype(jnp.bfloat16), "step": None} for t in taus])
