@@ -27,9 +27,10 @@ else
   "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
 fi
 # The parity tests' reference implementations, installed without their dependency trees:
-# fusion-bench's hydra/lightning/datasets stack and neural-tangents' tensorflow/tf2jax are
+# fusion-bench's hydra/lightning/datasets stack, mergekit's peft/accelerate and
+# neural-tangents' tensorflow/tf2jax are
 # never imported by the tests (they load only the merge functions and empirical kernels).
-nodeps=("fusion-bench==0.2.33" "neural-tangents==0.6.5")
+nodeps=("fusion-bench==0.2.33" "mergekit==0.1.5" "neural-tangents==0.6.5")
 if [[ ",$extras," == *",parity,"* ]]; then
   if [ -x "$venv/bin/uv" ]; then
     VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --no-deps "${links[@]}" "${nodeps[@]}" >&2

@@ -68,3 +68,38 @@ __all__ += [
     "diagonal_fisher", "fisher", "prediction_entropy", "regmean", "regmean_grams",
     "scaled_merge", "ties_masked_task_vectors",
 ]
+from taskvec_jax.merging import matrices  # noqa: E402
+from taskvec_jax.merging.subspace import (  # noqa: E402
+    iso_c,
+    iso_c_task_vector,
+    iso_cts,
+    iso_cts_task_vector,
+    task_interference,
+    tsv,
+    tsv_task_vector,
+)
+
+__all__ += [
+    "iso_c", "iso_c_task_vector", "iso_cts", "iso_cts_task_vector", "matrices",
+    "task_interference", "tsv", "tsv_task_vector",
+]
+from taskvec_jax.merging.selection import (  # noqa: E402
+    consensus,
+    consensus_mask,
+    della,
+    della_keep_probabilities,
+    della_linear,
+    della_prune,
+    magmax,
+    magmax_task_vector,
+    tall_mask_models,
+    tall_masks,
+)
+
+__all__ += [
+    "consensus", "consensus_mask", "della", "della_keep_probabilities", "della_linear",
+    "della_prune", "magmax", "magmax_task_vector", "tall_mask_models", "tall_masks",
+]
+from taskvec_jax.merging.geometric import model_stock, model_stock_ratio, slerp  # noqa: E402
+
+__all__ += ["model_stock", "model_stock_ratio", "slerp"]

@@ -149,19 +149,36 @@ def check_outliers(outliers: Any, density: float) -> float:
     return o
 
 
-def exact(fraction: float) -> Fraction:
-    """The decimal a user wrote: ``0.07`` is read as ``7/100``, not its binary float."""
-    return Fraction(repr(float(fraction)))
+def exact(fraction: float, n: int | None = None) -> Fraction:
+    """The fraction a user wrote, recovered from its float.
+
+    Without ``n``: the shortest decimal that round-trips (``0.07`` is ``7/100``, not its
+    binary float). With ``n`` (the size of the group being counted): the nearest fraction
+    ``p/q`` with ``q <= n`` if it rounds to the same float (``409/2040`` is read as
+    ``409/2040``, although its shortest decimal ``0.20049019607843138`` is slightly
+    larger), else the shortest decimal. Two distinct fractions with denominators
+    ``<= n`` differ by at least ``1/n**2``, far more than a float's rounding for
+    ``n < 10**7``, so the fraction found is the only candidate.
+    """
+    f = float(fraction)
+    decimal = Fraction(repr(f))
+    if n is None or n < 1:
+        return decimal
+    nearest = Fraction(f).limit_denominator(int(n))
+    return nearest if float(nearest) == f else decimal
 
 
 def count_of(fraction: float, n: int) -> int:
-    """THE rounding rule for counts: ``ceil(fraction * n)``, on the exact decimal.
+    """THE rounding rule for counts: ``ceil(fraction * n)``, on the fraction the user wrote.
 
-    ``fraction`` is read as the shortest decimal that round-trips (``0.07`` means
-    ``7/100``), so ``count_of(0.07, 100) == 7`` although ``0.07 * 100 == 7.000000000000001``
-    in floating point. For ``0 < fraction <= 1`` and ``n >= 1`` the count lies in ``[1, n]``.
+    ``fraction`` is read by :func:`exact` with the group size ``n``: ``k / n`` keeps
+    exactly ``k`` for every ``0 < k <= n`` (``409 / 2040`` of 2040 is 409, where the
+    ceiling of its decimal times 2040 would be 410), and decimals keep their decimal
+    meaning (``count_of(0.07, 100) == 7`` although ``0.07 * 100 == 7.000000000000001``
+    in floating point). For ``0 < fraction <= 1`` and ``n >= 1`` the count lies in
+    ``[1, n]``.
     """
-    return math.ceil(exact(fraction) * n)
+    return math.ceil(exact(fraction, n) * n)
 
 
 def fold_tasks(step, state: Any, items: Sequence[Any]) -> Any:
