@@ -38,6 +38,13 @@ MERGES = {
     "dare": lambda b, tvs: M.dare(tvs[-1], drop_rate=0.5, key=KEY),
     "trim": lambda b, tvs: M.trim(tvs[-1], density=0.25),
     "trim_outliers": lambda b, tvs: M.trim(tvs[-1], density=0.25, outliers=0.25),
+    "iso_c": lambda b, tvs: M.iso_c(b, tvs, alpha=0.5),
+    "iso_cts": lambda b, tvs: M.iso_cts(b, tvs, alpha=0.5),
+    "tsv": lambda b, tvs: M.tsv(b, tvs, alpha=0.5),
+    "magmax": lambda b, tvs: M.magmax(b, tvs, alpha=0.5),
+    "consensus": lambda b, tvs: M.consensus(b, tvs, alpha=0.5),
+    "della": lambda b, tvs: M.della(b, tvs, key=KEY, density=0.5, epsilon=0.1),
+    "model_stock": lambda b, tvs: M.model_stock(b, tvs),
 }
 SINGLE = {"dare", "trim", "trim_outliers"}
 

@@ -375,8 +375,6 @@ def _mergekit_ties_count(base, taus, density):
                          ids=_ids(len(taus)), base_index=0).numpy()
 
 
-@pytest.mark.skipif("consensus" not in __import__("inspect").signature(M.ties).parameters,
-                    reason="needs ties(..., consensus=) from the merging redesign branch")
 @pytest.mark.parametrize("k", [3, 17, 40])
 def test_ties_count_consensus_matches_mergekit(k):
     # mergekit's `ties` with `consensus: count`: trim each tensor to its k largest

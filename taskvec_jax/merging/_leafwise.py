@@ -24,8 +24,11 @@ __all__ = ["check_real", "finish", "merge_leaves", "scaled"]
 PyTree = Any
 
 
-def check_real(task_vectors: Sequence[PyTree], method: str) -> None:
-    """Raises for a complex leaf (the methods compare magnitudes, signs or angles)."""
+def check_real(task_vectors: Sequence[PyTree], method: str, *,
+               what: str = "task vector") -> None:
+    """Raises for a complex leaf (the methods compare magnitudes, signs or angles) and,
+    through :func:`_common.check_finite`, for NaN/Inf (never hidden by a merge)."""
+    _common.check_finite(task_vectors, what=what)
     paths = _common.leaf_paths(task_vectors[0])
     for t, tau in enumerate(task_vectors):
         for path, x in zip(paths, _common.flatten(tau)[0]):

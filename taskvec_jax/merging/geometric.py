@@ -120,7 +120,7 @@ def slerp(model_a: PyTree, model_b: PyTree, *, t: float | jax.Array = 0.5,
     if base is not None:
         tv_lib.check_compatible(base, model_a, name="base", reference_name="model_a",
                                 allow_none=False)
-    _leafwise.check_real([model_a, model_b], "slerp")
+    _leafwise.check_real([model_a, model_b], "slerp", what="model")
     t = jnp.asarray(t)
     if t.ndim != 0:
         raise ValueError(f"t must be a scalar, got shape {t.shape}")
