@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import clip_helpers as helpers
+from tests import clip_helpers as helpers
 import taskvec_jax as tvj
 from experiments import clip_benchmark as bench
 from taskvec_jax import clip

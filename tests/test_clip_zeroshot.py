@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import clip_helpers as helpers
+from tests import clip_helpers as helpers
 from taskvec_jax import clip
 from taskvec_jax.clip import zeroshot
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from merging_refs import (SETTINGS, TRANSFORMS, M, assert_same_under, assert_trees_close,
+from tests.merging_refs import (SETTINGS, TRANSFORMS, M, assert_same_under, assert_trees_close,
                           assert_trees_equal, inputs, ref_ties, trees)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from merging_refs import (COVER_SETTINGS, MASK_CONFIGS, TRANSFORMS, M, assert_same_under,
+from tests.merging_refs import (COVER_SETTINGS, MASK_CONFIGS, TRANSFORMS, M, assert_same_under,
                           assert_trees_equal, class_trees, inputs, ref_count, ref_mask)
 
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from merging_refs import (COVER_SETTINGS, SETTINGS, TRANSFORMS, M, assert_same_under,
+from tests.merging_refs import (COVER_SETTINGS, SETTINGS, TRANSFORMS, M, assert_same_under,
                           assert_trees_close, assert_trees_equal, class_trees, inputs,
                           ref_ties)
 
