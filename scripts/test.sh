@@ -4,8 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,notebooks,parity
+# One JAX compilation cache for every process of this run (xdist workers, the sharded
+# process, experiment subprocesses, notebook kernels), fresh each run: see
+# tests/experiment_env.py.
+TVJ_TEST_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/tvj_jax_cache.XXXXXX")"
+export TVJ_TEST_CACHE_DIR
+trap 'rm -rf "$TVJ_TEST_CACHE_DIR"' EXIT
 set +e
-.venv/bin/python -m pytest -n 2 --dist loadfile "$@"
+# Files stay whole on one worker (conftest.py groups each file and puts the slowest first),
+# so the two workers finish together.
+.venv/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

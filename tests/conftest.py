@@ -10,6 +10,10 @@ XLA_FLAGS before importing jax, and collects test_sharded.py only in such a proc
 the launcher only outside it). Any invocation (plain ``pytest``, ``-n 2``, scripts/test.sh)
 therefore runs every test, with the flag set exactly where it is needed.
 
+Compilation: the rest of the environment (fast XLA compilation, one persistent compilation
+cache shared by every process of the run) comes from tests/experiment_env.py, applied here
+before JAX loads.
+
 float64: most tests compare against float64 references at 1e-12..1e-14 tolerances
 (identities of the engine, Theorem 1 slopes, dense-Hessian parity), so x64 is enabled for
 the whole session rather than per module (``jax_enable_x64`` is process-global, and
@@ -18,14 +22,15 @@ flipping it between modules would retrace every cached program).
 
 import os
 
+from tests.experiment_env import jax_env
+
 DEVICES = os.environ.get("TVJ_TEST_DEVICES")
-if DEVICES:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={int(DEVICES)}")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("MPLBACKEND", "Agg")
+# Fast XLA compilation, one persistent compilation cache for the whole run, the device count
+# (tests/experiment_env.py says why); inherited by every process the tests start.
+os.environ.update(jax_env(devices=int(DEVICES) if DEVICES else None))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # Tolerances in the tests are derived from IEEE float32/float64 arithmetic; on GPUs JAX's
@@ -35,3 +40,27 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # test_sharded.py only where its devices exist; its launcher only where they do not.
 collect_ignore = ["test_sharded_subprocess.py"] if DEVICES else ["test_sharded.py"]
+
+
+# Scheduling. scripts/test.sh runs `-n 2 --dist loadgroup --no-loadscope-reorder`: every
+# file is one group (its module-scoped fixtures and compiled programs stay on one worker, as
+# with loadfile), and groups are handed out in collection order, which puts the longest
+# files first, so that the two workers finish together (the longest file last would bound
+# the wall time). The sharded process starts first: it is the longest.
+SLOWEST_FIRST = ("test_sharded_subprocess.py", "test_notebooks.py", "test_reproduce.py",
+                 "test_theorem_experiment.py", "test_theory_bound.py", "test_theory.py",
+                 "test_models.py", "test_heads.py", "test_hessian.py", "test_finetune.py")
+
+
+def _file_rank(item):
+    name = item.path.name
+    return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist appends the group to the test ids
+def pytest_collection_modifyitems(config, items):
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        for item in items:
+            if item.get_closest_marker("xdist_group") is None:
+                item.add_marker(pytest.mark.xdist_group(item.path.name))
+    items.sort(key=_file_rank)  # stable: the order inside a file is kept

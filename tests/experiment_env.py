@@ -1,19 +1,70 @@
-"""The environment of the experiment and notebook processes the tests start.
+"""The JAX environment of every process of a test run: pytest (and its xdist workers), the
+8-device sharded process, the experiment subprocesses and the notebook kernels.
 
-One device, the Agg backend, and one persistent JAX compilation cache shared by every such
-process of a test run (``results/.jax_test_cache``, git-ignored): the quick reproduction,
-the theorem experiment and the notebooks compile the same programs (pretraining, the
-Theorem 1 sweep, ...), so only the first process pays for them.
+tests/conftest.py applies :func:`jax_env` to ``os.environ`` before JAX is imported, so every
+process the tests start inherits it; :func:`subprocess_env` is that environment for the
+experiment and notebook processes, which run on one device. What it sets, and why:
+
+- **Fast compilation.** The suite's cost is XLA compilation, not compute (tiny models, many
+  programs), so XLA compiles with ``--xla_backend_optimization_level=0
+  --xla_llvm_disable_expensive_passes=true`` (LLVM's optimization passes off; about half the
+  compile time of a typical test program). The numbers are still IEEE float32/float64
+  arithmetic, which the tolerances of the tests are derived from; bit-for-bit tests compare
+  two runs of one program. ``TVJ_TEST_FAST_COMPILE=0`` keeps XLA's default optimization.
+- **One persistent compilation cache per test run**, shared by all these processes:
+  ``TVJ_TEST_CACHE_DIR`` when set (scripts/test.sh makes a fresh one per run, so a run's
+  time is a cold run's), else ``results/.jax_test_cache`` (git-ignored). Every program is
+  cached (no minimum compile time or size): the quick reproduction, the theorem experiment
+  and the notebooks compile the same programs (pretraining, the Theorem 1 sweep, ...), and
+  so do the two xdist workers, so only the first process pays for them.
+- One CPU device unless ``devices`` asks for fake ones (tests/test_sharded.py), the Agg
+  matplotlib backend.
+
+This module must not import JAX: conftest imports it before JAX reads its configuration.
 """
 
 import os
 
+__all__ = ["ROOT", "CACHE_DIR", "FAST_COMPILE_FLAGS", "xla_flags", "jax_env",
+           "subprocess_env"]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE_DIR = os.path.join(ROOT, "results", ".jax_test_cache")
+CACHE_DIR = (os.environ.get("TVJ_TEST_CACHE_DIR")
+             or os.path.join(ROOT, "results", ".jax_test_cache"))
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                      "--xla_llvm_disable_expensive_passes=true")
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int | None = None, base: str | None = None) -> str:
+    """``base`` (default: the current ``XLA_FLAGS``) without this module's flags, plus the
+    fast-compilation flags and, when ``devices`` is given, that many fake CPU devices.
+
+    Idempotent: a child process re-deriving its flags from its parent's gets the same ones
+    (with its own device count)."""
+    base = os.environ.get("XLA_FLAGS", "") if base is None else base
+    ours = {flag.split("=")[0] for flag in FAST_COMPILE_FLAGS} | {_DEVICE_FLAG}
+    flags = [f for f in base.split() if f.split("=")[0] not in ours]
+    if os.environ.get("TVJ_TEST_FAST_COMPILE", "1") != "0":
+        flags += FAST_COMPILE_FLAGS
+    if devices:
+        flags.append(f"{_DEVICE_FLAG}={int(devices)}")
+    return " ".join(flags)
+
+
+def jax_env(devices: int | None = None) -> dict:
+    """The variables above (set before JAX is imported; JAX reads them when it loads)."""
+    return {"XLA_FLAGS": xla_flags(devices),
+            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or "cpu",
+            "MPLBACKEND": "Agg",
+            "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
 def subprocess_env(**extra) -> dict:
-    """``os.environ`` plus the settings above (and ``extra``)."""
-    return {**os.environ, "XLA_FLAGS": "", "MPLBACKEND": "Agg", "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+    """``os.environ`` with :func:`jax_env` on one device (and ``extra``): the environment of
+    the experiment and notebook processes the tests start."""
+    env = {**os.environ, **jax_env(), **extra}
+    env.pop("TVJ_TEST_DEVICES", None)
+    return env
