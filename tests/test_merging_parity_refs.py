@@ -27,7 +27,7 @@ if importlib.util.find_spec("fusion_bench") is None:   # not imported: see refer
     pytest.skip("the parity extra is not installed", allow_module_level=True)
 pytest.importorskip("mergekit", reason="the parity extra is not installed")
 
-import reference_impls  # noqa: E402
+from tests import reference_impls  # noqa: E402
 
 M = tvj.merging
 TOL = dict(rtol=1e-10, atol=1e-10)
