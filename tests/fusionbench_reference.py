@@ -19,11 +19,10 @@ import types
 
 
 def _package_dir() -> str:
-    spec = importlib.util.find_spec("fusion_bench")   # finds it without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("fusion-bench is not installed: run scripts/setup.sh (it "
-                          "installs fusion-bench==0.2.33 with --no-deps)")
-    return list(spec.submodule_search_locations)[0]
+    """FusionBench's installed package folder, found without importing it (the one lookup
+    of tests/reference_impls.py, which also copes with a stub package already loaded)."""
+    from tests.reference_impls import fusion_bench_root
+    return fusion_bench_root()
 
 
 def _stub_modules() -> dict[str, types.ModuleType]:

@@ -209,7 +209,8 @@ def test_regime_sweep_vmapped_over_learning_rates_equals_separate_runs():
     # which the vmapped program runs beside the smaller one
     for i, lr in [(1, lrs[1])]:
         opt = optax.chain(optax.clip_by_global_norm(10.0), optax.adamw(lr, weight_decay=0.1))
-        t = tvj.finetune(loss, params, data, opt, 4, batch_size=15, key=key)
+        t = tvj.finetune(loss, params, data, opt, 4, batch_size=15, key=key,
+                         keep_epochs="all", record_gradients=True)
         np.testing.assert_allclose(shares[i], analysis.normalized_contributions(t),
                                    rtol=1e-4)
         np.testing.assert_allclose(cos[i], analysis.cosines_to_first_epoch(t, 4),
