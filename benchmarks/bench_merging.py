@@ -43,7 +43,8 @@ def vit_b32_shapes(blocks: int = 12) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _rss(field: str) -> int:
+def rss(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux ``/proc/self/status``)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(field + ":"):
@@ -51,8 +52,8 @@ def _rss(field: str) -> int:
     return 0
 
 
-def _reset_peak() -> None:
-    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+def reset_peak() -> None:
+    """Resets ``VmHWM`` to the current RSS (writing 5 to clear_refs, Linux >= 4.0)."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -64,7 +65,7 @@ def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, 
     shapes = vit_b32_shapes(blocks)
     n_params = int(sum(np.prod(s) for s in shapes.values()))
     model_bytes = 4 * n_params
-    start_rss = _rss("VmRSS")
+    start_rss = rss("VmRSS")
     if method.startswith("torch_"):
         import torch
         torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -102,17 +103,17 @@ def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, 
         }
         fn = table[method]
         block = jax.block_until_ready
-    inputs_rss = _rss("VmRSS")
+    inputs_rss = rss("VmRSS")
     block(fn())                              # warm-up (compilation)
     seconds = []
     extra = []
     for _ in range(repeats):
-        before = _rss("VmRSS")               # inputs + runtime (compiled code, caches)
-        _reset_peak()
+        before = rss("VmRSS")               # inputs + runtime (compiled code, caches)
+        reset_peak()
         t0 = time.perf_counter()
         out = block(fn())
         seconds.append(time.perf_counter() - t0)
-        extra.append(_rss("VmHWM") - before)  # temporaries + output of this call
+        extra.append(rss("VmHWM") - before)  # temporaries + output of this call
         del out
     device_peak = _device_peak(method)
     if device_peak is not None:   # on an accelerator: its allocator's peak, not host RSS

@@ -35,28 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_merging import vit_b32_shapes
+from benchmarks.bench_merging import reset_peak, rss, vit_b32_shapes
 
 METHODS = ("iso_c", "iso_cts", "tsv", "magmax", "consensus", "della", "model_stock",
            "slerp")
-
-
-def _rss(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes (as benchmarks/bench_merging.py)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> None:
-    """Resets ``VmHWM`` to the current RSS (writing 5 to clear_refs, Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
 
 
 def _device_peak(side: str) -> int | None:
@@ -146,7 +128,7 @@ def worker(method: str, side: str, num_tasks: int, blocks: int,
     shapes = vit_b32_shapes(blocks)
     n_params = int(sum(np.prod(s) for s in shapes.values()))
     model_bytes = 4 * n_params
-    start_rss = _rss("VmRSS")
+    start_rss = rss("VmRSS")
     if side == "torch":
         import torch
         torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -167,16 +149,16 @@ def worker(method: str, side: str, num_tasks: int, blocks: int,
                  for i, (k, s) in enumerate(shapes.items())} for t in range(num_tasks)]
         fn = _jax_fn(method, base, taus)
         block = jax.block_until_ready
-    inputs_rss = _rss("VmRSS")
+    inputs_rss = rss("VmRSS")
     block(fn())                              # warm-up (compilation)
     seconds, extra = [], []
     for _ in range(repeats):
-        before = _rss("VmRSS")
-        _reset_peak()
+        before = rss("VmRSS")
+        reset_peak()
         t0 = time.perf_counter()
         out = block(fn())
         seconds.append(time.perf_counter() - t0)
-        extra.append(_rss("VmHWM") - before)
+        extra.append(rss("VmHWM") - before)
         del out
     device_peak = _device_peak(side)
     if device_peak is not None:
