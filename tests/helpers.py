@@ -34,3 +34,15 @@ def rng_tree(seed: int, like):
     rng = np.random.default_rng(seed)
     return jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=np.shape(x)), x.dtype)
                                         for x in leaves])
+
+
+def json_numbers(x):
+    """Every number in a JSON-like tree of dicts and lists (bools excluded), depth first."""
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from json_numbers(v)
+    elif isinstance(x, list):
+        for v in x:
+            yield from json_numbers(v)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield x

@@ -10,17 +10,7 @@ import numpy as np
 import pytest
 
 from tests.experiment_env import ROOT, subprocess_env
-
-
-def _numbers(x):
-    if isinstance(x, dict):
-        for v in x.values():
-            yield from _numbers(v)
-    elif isinstance(x, list):
-        for v in x:
-            yield from _numbers(v)
-    elif isinstance(x, (int, float)) and not isinstance(x, bool):
-        yield x
+from tests.helpers import json_numbers
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +28,7 @@ def test_report_tables_are_filled_with_finite_numbers(quick_run):
     workdir, stdout = quick_run
     assert "first-epoch dominance" in stdout  # progress is visible while it runs
     results = json.loads((workdir / "results.json").read_text())
-    nums = list(_numbers({k: v for k, v in results.items() if k != "config"}))
+    nums = list(json_numbers({k: v for k, v in results.items() if k != "config"}))
     assert len(nums) > 200 and all(math.isfinite(x) for x in nums)
     report = (workdir / "report.md").read_text()
     for heading in ["## Theorem 1 on this model", "## First-epoch dominance",

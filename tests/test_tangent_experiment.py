@@ -8,17 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import tangent
-
-
-def _numbers(x):
-    if isinstance(x, dict):
-        for v in x.values():
-            yield from _numbers(v)
-    elif isinstance(x, list):
-        for v in x:
-            yield from _numbers(v)
-    elif isinstance(x, (int, float)) and not isinstance(x, bool):
-        yield x
+from tests.helpers import json_numbers
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +21,7 @@ def run(tmp_path_factory):
 
 def test_results_are_finite_and_figures_and_report_exist(run):
     workdir, res = run
-    numbers = list(_numbers(res))
+    numbers = list(json_numbers(res))
     assert len(numbers) > 80 and all(math.isfinite(x) for x in numbers)
     assert res["figures"] == ["disentanglement_0.png", "linear_paths.png"]
     for name in res["figures"]:
