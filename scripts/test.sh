@@ -11,9 +11,9 @@ TVJ_TEST_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/tvj_jax_cache.XXXXXX")"
 export TVJ_TEST_CACHE_DIR
 trap 'rm -rf "$TVJ_TEST_CACHE_DIR"' EXIT
 set +e
-# Files stay whole on one worker (conftest.py groups each file and puts the slowest first),
-# so the two workers finish together.
-.venv/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder "$@"
+# Files stay whole on one worker, the slowest first (conftest.py orders them), so the two
+# workers finish together.
+.venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

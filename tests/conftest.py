@@ -30,7 +30,6 @@ DEVICES = os.environ.get("TVJ_TEST_DEVICES")
 os.environ.update(jax_env(devices=int(DEVICES) if DEVICES else None))
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # Tolerances in the tests are derived from IEEE float32/float64 arithmetic; on GPUs JAX's
@@ -42,11 +41,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 collect_ignore = ["test_sharded_subprocess.py"] if DEVICES else ["test_sharded.py"]
 
 
-# Scheduling. scripts/test.sh runs `-n 2 --dist loadgroup --no-loadscope-reorder`: every
-# file is one group (its module-scoped fixtures and compiled programs stay on one worker, as
-# with loadfile), and groups are handed out in collection order, which puts the longest
-# files first, so that the two workers finish together (the longest file last would bound
-# the wall time). The sharded process starts first: it is the longest.
+# Scheduling. scripts/test.sh runs `-n 2 --dist loadfile --no-loadscope-reorder`: every file
+# stays on one worker (its module-scoped fixtures and compiled programs are made once), and
+# files are handed out in collection order, which puts the longest files first, so that the
+# two workers finish together (the longest file last would bound the wall time). Not
+# `--dist loadgroup` with a group per file: pytest-xdist 3.8 then tears module-scoped
+# fixtures down between the tests of a group, so the quick reproduction and the tangent
+# experiment each ran twice. The sharded process starts first: it is the longest.
 SLOWEST_FIRST = ("test_sharded_subprocess.py", "test_notebooks.py", "test_reproduce.py",
                  "test_theorem_experiment.py", "test_theory_bound.py", "test_theory.py",
                  "test_models.py", "test_heads.py", "test_hessian.py", "test_finetune.py")
@@ -57,10 +58,5 @@ def _file_rank(item):
     return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist appends the group to the test ids
 def pytest_collection_modifyitems(config, items):
-    if getattr(config.option, "dist", "no") == "loadgroup":
-        for item in items:
-            if item.get_closest_marker("xdist_group") is None:
-                item.add_marker(pytest.mark.xdist_group(item.path.name))
     items.sort(key=_file_rank)  # stable: the order inside a file is kept

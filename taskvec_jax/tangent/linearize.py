@@ -89,7 +89,8 @@ def linearize(apply_fn: ApplyFn, params0: PyTree) -> Callable[..., PyTree]:
     ``jax.jvp`` (no Jacobian is formed). ``f_lin`` takes and returns what ``apply_fn``
     does, so it drops into any ``loss_fn`` and through it into :func:`taskvec_jax.finetune`
     (full batch or minibatch), and it composes with ``jax.grad``, ``jax.jit`` and
-    ``jax.vmap``. ``f_lin(params0) == f(params0)`` exactly; ``f_lin`` is affine in
+    ``jax.vmap``. ``f_lin(params0) == f(params0)`` bit for bit (both eager, or both
+    jitted); ``f_lin`` is affine in
     ``params``, so its parameter Hessian is zero and a loss ``l(f_lin)`` has the
     Gauss-Newton Hessian ``J^T H_l J`` exactly (docs/theory.md, "Theorem 1 in the tangent
     space").
