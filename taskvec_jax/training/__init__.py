@@ -136,8 +136,14 @@ def finetune(
       model_state: non-trainable model state (flax linen ``variables["batch_stats"]``, an
         nnx ``BatchStat`` state). When given, ``loss_fn(params, batch, state) -> (loss,
         new_state)``: the state is carried through the run (updated once per optimizer
-        step, by that step's batch), never differentiated and never in ``params``; the
-        final state is ``Trajectory.model_state``. Not with ``microbatch_size``.
+        step, by that step's batch), never differentiated and never in ``params``.
+        ``Trajectory.model_state`` holds it at every kept epoch, like ``params`` (one
+        state copy per kept epoch); ``Trajectory.final_model_state`` is the last. With
+        ``microbatch_size`` the state is threaded through the chunks in order (one
+        update per chunk, the leftover chunk last) and each chunk's loss and gradient are
+        taken at the state the previous chunks left: for BatchNorm in training mode, the
+        gradient is that of "ghost" batch normalization over chunks, not the unsplit
+        one (docs/training.md).
 
     Returns:
       A :class:`Trajectory`.
@@ -212,7 +218,8 @@ def finetune_tasks(
         folded with the task index; a diverged task is named in the error; the progress
         bar is labelled with the task, or the tasks of a vmapped group).
       model_state: as in :func:`finetune`; every task starts from it and its trajectory
-        holds its own final state (not with ``mesh``).
+        holds its own states (one state per task; not with ``mesh``, which has no one
+        order of state updates).
       mesh: a ``(tasks, data)`` mesh from :func:`taskvec_jax.training.sharded.make_mesh`:
         tasks are spread over ``tasks`` (padded to a multiple of its size) and each
         full-batch gradient is split over ``data``. All tasks must then share data shapes.
@@ -226,7 +233,7 @@ def finetune_tasks(
                    start_epoch=start_epoch, progress=progress, check_finite=check_finite)
     if mesh is not None:
         if model_state is not None:
-            raise ValueError("model_state= is not supported with mesh=; run without a mesh")
+            raise ValueError(_engine.MESH_STATE_ERROR)
         return sharded.finetune_tasks_sharded(loss_fn, params, task_datasets, optimizer,
                                               num_epochs, mesh, **options)
     datasets = _checks.task_datasets(task_datasets)
@@ -237,13 +244,8 @@ def finetune_tasks(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=[max(sizes)] if model_state is not None else sizes,
-        names=names, check_finite=check_finite, stateful=model_state is not None)
-    if model_state is not None:  # one dataset per run: the per-task batch-size check
-        for n, name in zip(sizes, names):
-            if batch_size is not None and batch_size > n:
-                raise ValueError(f"batch_size {batch_size} exceeds the {n} examples of "
-                                 f"{name}")
+        key=key, sizes=sizes, names=names, check_finite=check_finite,
+        stateful=model_state is not None)
     groups = sharded.group_by_signature(datasets)
     # same shapes, same loss shape: check one task per group
     _engine.check_inputs(loss_fn, params, [datasets[g[0]] for g in groups], cfg,
@@ -299,6 +301,7 @@ def multitask_finetune(
     start_epoch: int = 0,
     progress: bool | int = False,
     check_finite: bool = True,
+    model_state: Any = None,
     mesh: Any = None,
 ) -> Trajectory:
     """Gradient descent on the multitask loss ``L_MT = sum_t w_t L_t`` (``w_t = 1`` default).
@@ -317,6 +320,11 @@ def multitask_finetune(
       weights: optional per-task weights ``w_t``.
       batch_size, microbatch_size, key, drop_remainder, keep_epochs, record_gradients,
         opt_state, start_epoch, progress, check_finite: as in :func:`finetune`.
+      model_state: as in :func:`finetune`, ONE state shared by the tasks (the model is
+        one model): every step threads it through the tasks in order, task 0's batch
+        first (each task's loss and gradient are taken at the state the tasks before it
+        left), which is what a Python loop calling the model on each task's batch does.
+        Not with ``mesh`` (its tasks run side by side).
       mesh: a ``(tasks, data)`` mesh (full batch only): each device computes its tasks'
         gradients on its share of the examples, and ``psum`` assembles ``grad L_MT``.
 
@@ -324,6 +332,8 @@ def multitask_finetune(
       A :class:`Trajectory`.
     """
     if mesh is not None:
+        if model_state is not None:
+            raise ValueError(_engine.MESH_STATE_ERROR)
         # Sharded multitask is full batch (multitask_stacked rejects batch_size), which
         # never shuffles: `key` has nothing to do there.
         return sharded.multitask_sharded(
@@ -345,14 +355,16 @@ def multitask_finetune(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=sizes, names=names, check_finite=check_finite)
-    _engine.check_inputs(loss_fn, params, datasets, cfg, names)
+        key=key, sizes=sizes, names=names, check_finite=check_finite,
+        stateful=model_state is not None)
+    _engine.check_inputs(loss_fn, params, datasets, cfg, names, model_state)
     if opt_state is None:
         opt_state = optimizer.init(params)
     start = jnp.asarray(start_epoch)
-    buffer, losses, grads, opt_state, finite, _ = _dispatch(
-        lambda c, k: _engine.run_jit(params, opt_state, datasets, weights, key, start, k, c),
+    buffer, losses, grads, opt_state, finite, state = _dispatch(
+        lambda c, k: _engine.run_jit(params, opt_state, datasets, weights, key, start, k, c,
+                                     model_state),
         cfg, consts, "multitask")
     _engine.check_finite(finite, losses, start_epoch, ["multitask"])
     return Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs, start_epoch),
-                      losses, grads, opt_state)
+                      losses, grads, opt_state, state)

@@ -36,12 +36,15 @@ import optax
 
 from taskvec_jax import _checks
 from taskvec_jax import tree as tree_lib
-from taskvec_jax.training.microbatch import mean_over_microbatches, mean_value_and_grad
+from taskvec_jax.training.microbatch import (mean_over_microbatches,
+                                             mean_over_microbatches_with_state,
+                                             mean_value_and_grad,
+                                             mean_value_and_grad_with_state)
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
-__all__ = ["Closure", "Config", "Trajectory", "check_finite", "check_inputs",
+__all__ = ["MESH_STATE_ERROR", "Closure", "Config", "Trajectory", "check_finite", "check_inputs",
            "check_optimizer", "execute", "kept_epochs", "make_config", "progress_bar", "run",
            "run_jit", "run_many", "split_closure", "split_leading", "static_config"]
 
@@ -59,9 +62,11 @@ class Trajectory(NamedTuple):
       epoch_gradients: every leaf ``[num_epochs, ...]``, the sum of each epoch's step
         gradients; ``None`` when ``record_gradients=False``.
       opt_state: the optimizer state after the last epoch (resume from it).
-      model_state: the non-trainable model state after the last epoch (BatchNorm
-        statistics, when finetuning with ``model_state=``); ``None`` otherwise. It is
-        never differentiated and never part of ``params`` (so never of a task vector).
+      model_state: the non-trainable model state (BatchNorm statistics, when finetuning
+        with ``model_state=``) at every kept epoch, like ``params``: every leaf has a
+        leading axis of length ``len(epochs)`` (memory: one state copy per kept epoch);
+        ``None`` otherwise. It is never differentiated and never part of ``params`` (so
+        never of a task vector). :attr:`final_model_state` is the last one.
     """
 
     params: PyTree
@@ -76,14 +81,31 @@ class Trajectory(NamedTuple):
         """The parameters after the last epoch (always kept)."""
         return jax.tree.map(lambda x: x[-1], self.params)
 
-    def at(self, epoch: int) -> PyTree:
-        """The parameters after absolute epoch ``epoch`` (must be a kept epoch)."""
+    @property
+    def final_model_state(self) -> Any:
+        """The model state after the last epoch (``None`` without ``model_state=``)."""
+        return None if self.model_state is None else jax.tree.map(lambda x: x[-1],
+                                                                  self.model_state)
+
+    def _index(self, epoch: int) -> int:
         matches = np.nonzero(np.asarray(self.epochs) == epoch)[0]
         if matches.size == 0:
             raise ValueError(f"epoch {epoch} was not kept; kept epochs are "
                              f"{np.asarray(self.epochs).tolist()}")
-        i = int(matches[0])
+        return int(matches[0])
+
+    def at(self, epoch: int) -> PyTree:
+        """The parameters after absolute epoch ``epoch`` (must be a kept epoch)."""
+        i = self._index(epoch)
         return jax.tree.map(lambda x: x[i], self.params)
+
+    def model_state_at(self, epoch: int) -> Any:
+        """The model state after absolute epoch ``epoch`` (must be a kept epoch)."""
+        i = self._index(epoch)
+        if self.model_state is None:
+            raise ValueError("this trajectory has no model state (finetune without "
+                             "model_state=)")
+        return jax.tree.map(lambda x: x[i], self.model_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +356,13 @@ def _keep_plan(keep_epochs: Sequence[int] | str | None, num_epochs: int):
     return tuple(kept), tuple(slots), len(kept), keep_start
 
 
+MESH_STATE_ERROR = (
+    "model_state= is not supported with mesh=: the mesh splits each full-batch gradient "
+    "over the 'data' axis (and multitask runs its tasks side by side), so there is no one "
+    "order in which the batches would update the state; a sequential state (BatchNorm "
+    "statistics) needs the single-device run: drop mesh=")
+
+
 def check_optimizer(optimizer) -> bool:
     """Raises unless ``optimizer`` has callable ``init`` and ``update``; returns whether
     its ``update`` takes keyword arguments (``value``, ``grad``, ``value_fn``: optax's
@@ -378,15 +407,8 @@ def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
         if key is None:
             raise ValueError(f"batch_size={batch_size} shuffles the data every epoch and "
                              "needs a PRNG key: pass key=jax.random.key(0)")
-    if stateful:
-        if len(sizes) > 1 or data_axis is not None or multitask_axis is not None:
-            raise ValueError("model_state= is supported by finetune and finetune_tasks "
-                             "without a mesh (one dataset per run); multitask and sharded "
-                             "runs take loss_fn(params, batch) only")
-        if microbatch_size is not None:
-            raise ValueError("model_state= with microbatch_size= is not supported: a "
-                             "stateful loss (BatchNorm statistics) over chunks is not the "
-                             "loss over the whole batch; drop microbatch_size")
+    if stateful and (data_axis is not None or multitask_axis is not None):
+        raise ValueError(MESH_STATE_ERROR)
     _, slots, num_slots, keep_start = _keep_plan(keep_epochs, num_epochs)
     every = int(progress) if progress else 0
     loss_closure, loss_consts = split_closure(loss_fn)
@@ -513,16 +535,43 @@ def _dataset_value_and_grad(cfg: Config, params, data):
     return jax.tree.map(jnp.add, *parts) if len(parts) == 2 else parts[0]
 
 
+def _stateful_value_and_grad(cfg: Config, params, datasets, weights, state):
+    """``sum_t w_t (L_t, grad L_t)`` of a stateful loss and the state after all batches.
+
+    One state is threaded through the tasks in order (task 0's batch, then task 1's, ...)
+    and, with ``microbatch_size``, through each batch's chunks in order
+    (:func:`~taskvec_jax.training.microbatch.mean_value_and_grad_with_state`): the
+    updates a Python loop over the same batches would make. The state is never
+    differentiated: each task's gradient is taken at the state it was handed.
+
+    Returns:
+      ``(loss, grad, new_state, value_fn)``; ``value_fn(p)`` is the loss at ``p`` with the
+      states each task was handed (the value optax's line searches evaluate).
+    """
+    losses, grads, handed = [], [], []
+    for d in datasets:
+        handed.append(state)
+        loss, grad, state = mean_value_and_grad_with_state(cfg.loss_fn, params, d, state,
+                                                           cfg.microbatch_size)
+        losses.append(loss)
+        grads.append(grad)
+
+    def value_fn(p):
+        return _weighted([mean_over_microbatches_with_state(
+            lambda b, s: cfg.loss_fn(p, b, s), d, s0, cfg.microbatch_size)[0]
+            for d, s0 in zip(datasets, handed)], weights)
+
+    return _weighted(losses, weights), _weighted(grads, weights), state, value_fn
+
+
 def _full_batch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
                       epoch_key):
     del epoch_key  # full-batch GD is deterministic
     if cfg.stateful:
-        # one dataset (make_config checks): the state is updated once, by the whole batch
-        (loss, state), grad = jax.value_and_grad(
-            lambda p: cfg.loss_fn(p, datasets[0], state), has_aux=True)(params)
-        params, opt_state = _optimizer_step(
-            cfg, params, opt_state, grad, loss,
-            lambda p: cfg.loss_fn(p, datasets[0], state)[0])
+        # the state is updated once per epoch per task (per chunk with microbatch_size)
+        loss, grad, state, value_fn = _stateful_value_and_grad(cfg, params, datasets,
+                                                               weights, state)
+        params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss, value_fn)
         return params, opt_state, state, loss, grad
     if cfg.multitask_axis is None:
         results = [_dataset_value_and_grad(cfg, params, d) for d in datasets]
@@ -572,13 +621,12 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
         params, opt_state, state, grad_sum, loss_sum = carry
         batches = [jax.tree.map(lambda x: jnp.take(x, i, axis=0), d)
                    for d, i in zip(datasets, step_idx)]
-        if cfg.stateful:  # one dataset; the state moves once per step
-            (loss, new_state), grad = jax.value_and_grad(
-                lambda p: cfg.loss_fn(p, batches[0], state), has_aux=True)(params)
-            params, opt_state = _optimizer_step(
-                cfg, params, opt_state, grad, loss,
-                lambda p: cfg.loss_fn(p, batches[0], state)[0])
-            return (params, opt_state, new_state, tree_lib.add(grad_sum, grad),
+        if cfg.stateful:  # the state moves once per step and task (per chunk)
+            loss, grad, state, value_fn = _stateful_value_and_grad(cfg, params, batches,
+                                                                   weights, state)
+            params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss,
+                                                value_fn)
+            return (params, opt_state, state, tree_lib.add(grad_sum, grad),
                     loss_sum + loss), None
         if cfg.microbatch_size is None:
             loss, grad = jax.value_and_grad(step_loss)(params, batches)
@@ -593,8 +641,9 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
                 loss_sum + loss), None
 
     first = [jax.tree.map(lambda x: x[:b], d) for d in datasets]
-    loss_dtype = (jax.eval_shape(cfg.loss_fn, params, first[0], state)[0] if cfg.stateful
-                  else jax.eval_shape(step_loss, params, first)).dtype
+    loss_dtype = (jax.eval_shape(lambda p, bs: _weighted(
+        [cfg.loss_fn(p, bt, state)[0] for bt in bs], weights), params, first)
+        if cfg.stateful else jax.eval_shape(step_loss, params, first)).dtype
     carry = (params, opt_state, state, tree_lib.zeros_like(params),
              jnp.zeros((), loss_dtype))
     carry, _ = jax.lax.scan(step, carry, idx)
@@ -681,13 +730,22 @@ def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Con
     Returns:
       ``(buffer, losses, epoch_gradients, opt_state, finite, model_state)``; ``finite``
       is ``[E]`` bools (loss and parameters finite after each epoch), ``None`` unless
-      ``cfg.check_finite``; ``model_state`` is the state after the last epoch.
+      ``cfg.check_finite``; ``model_state`` is the state at every kept epoch (leading
+      axis ``num_slots``, like ``buffer``), ``None`` without a state.
     """
     cfg = dataclasses.replace(cfg, loss_fn=cfg.loss_fn.rebuild(consts[0]),
                               update=cfg.update.rebuild(consts[1]))
     epoch_fn = _full_batch_epoch if cfg.batch_size is None else _minibatch_epoch
-    buffer = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_slots,) + x.shape)
-                          .astype(x.dtype), params)
+    def slots_of(tree):
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_slots,) + jnp.shape(x))
+                            .astype(jnp.result_type(x)), tree)
+
+    def write(buffer, tree, slot):
+        return jax.tree.map(lambda b, x: jax.lax.dynamic_update_index_in_dim(
+            b, x, slot, 0), buffer, tree)
+
+    # the model state is kept at the same epochs as the parameters (slot 0: the start)
+    buffer = (slots_of(params), slots_of(model_state))
 
     def body(carry, xs):
         params, opt_state, state, buffer = carry
@@ -707,15 +765,14 @@ def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Con
             finite = functools.reduce(
                 jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)],
                 jnp.all(jnp.isfinite(loss)))
-        buffer = jax.tree.map(lambda b, p: jax.lax.dynamic_update_index_in_dim(
-            b, p, slot, 0), buffer, params)
+        buffer = (write(buffer[0], params, slot), write(buffer[1], state, slot))
         ys = (loss, grad if cfg.record_gradients else None, finite)
         return (params, opt_state, state, buffer), ys
 
     xs = (jnp.arange(1, cfg.num_epochs + 1), jnp.asarray(cfg.slots, jnp.int32))
-    (_, opt_state, model_state, buffer), (losses, grads, finite) = jax.lax.scan(
+    (_, opt_state, _, buffer), (losses, grads, finite) = jax.lax.scan(
         body, (params, opt_state, model_state, buffer), xs)
-    return buffer, losses, grads, opt_state, finite, model_state
+    return buffer[0], losses, grads, opt_state, finite, buffer[1]
 
 
 run_jit = jax.jit(run, static_argnames=("cfg",))
