@@ -28,6 +28,7 @@ Conventions (shared by :func:`finetune`, :func:`finetune_tasks`, :func:`multitas
   of the step losses.
 * ``Trajectory.epoch_gradients[e-1]`` is the sum of the gradients of epoch ``e``'s steps
   (for full batch, the one gradient), the quantity the paper's gradient analysis uses.
+  For plain SGD it is derivable from kept snapshots, :func:`epoch_gradients`.
 
 Memory (defaults): a :class:`Trajectory` keeps two parameter snapshots (the start and the
 end) and no epoch gradients, so a run holds the model, the optimizer state, one gradient
@@ -61,6 +62,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from taskvec_jax import _checks
@@ -72,8 +74,8 @@ from taskvec_jax.training.microbatch import mean_value_and_grad
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
-__all__ = ["Trajectory", "finetune", "finetune_tasks", "mean_value_and_grad", "microbatch",
-           "multitask_finetune", "sharded"]
+__all__ = ["Trajectory", "epoch_gradients", "finetune", "finetune_tasks",
+           "mean_value_and_grad", "microbatch", "multitask_finetune", "sharded"]
 
 
 def finetune(
@@ -368,3 +370,93 @@ def multitask_finetune(
     _engine.check_finite(finite, losses, start_epoch, ["multitask"])
     return Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs, start_epoch),
                       losses, grads, opt_state, state)
+
+
+def _sgd_learning_rate(optimizer, params: PyTree, opt_state: Any) -> tuple[float | None, str]:
+    """``(eta, "")`` if ``optimizer`` acts as plain SGD, ``u = -eta g``, else ``(None, why)``.
+    ``opt_state`` is the run's final optimizer state (it too must be empty).
+
+    Plain SGD has no state and maps every gradient to ``-eta`` times itself, whatever the
+    gradient's scale and the parameters: probed with a random gradient at two scales
+    (1 and 1e4: a clip would show) and at two parameter points (weight decay would show).
+    """
+    state = optimizer.init(params)
+    if jax.tree.leaves(opt_state) or jax.tree.leaves(state):
+        return None, ("its state is not empty (momentum, a schedule's step count, "
+                      "adaptive moments, MultiSteps' accumulator)")
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    probe = [np.asarray(rng.normal(size=np.shape(x)) + 0.5, jnp.result_type(x))
+             for x in leaves]
+    eta = None
+    for scale, shift in ((1.0, 0.0), (1e4, 1.0)):
+        g = jax.tree.unflatten(treedef, [jnp.asarray(scale * x, x.dtype) for x in probe])
+        p = jax.tree.map(lambda x: x + shift, params)
+        try:
+            u, _ = optimizer.update(g, state, p)
+        except (TypeError, ValueError) as e:  # needs value= / value_fn= (lbfgs)
+            return None, f"update(grad, state, params) fails: {type(e).__name__}: {e}"
+        for gl, ul in zip(jax.tree.leaves(g), jax.tree.leaves(u)):
+            gl, ul = np.asarray(gl, np.float64), np.asarray(ul, np.float64)
+            if eta is None:
+                eta = float(-ul.reshape(-1)[0] / gl.reshape(-1)[0])
+            tol = 16 * float(jnp.finfo(jnp.result_type(leaves[0])).eps)
+            if not (eta > 0 and np.allclose(ul, -eta * gl, rtol=tol, atol=0)):
+                return None, ("its update is not -learning_rate * gradient for every "
+                              "gradient and parameters (clipping, weight decay, a "
+                              "normalization or a sign)")
+    return eta, ""
+
+
+def epoch_gradients(trajectory: Trajectory, optimizer: optax.GradientTransformation
+                    ) -> PyTree:
+    """The epoch gradients of a plain-SGD run, derived from its kept parameters.
+
+    Plain SGD (``optax.sgd(eta)``: no momentum, no schedule, nothing chained) steps
+    ``theta <- theta - eta * g``, so an epoch moves the parameters by ``-eta`` times the
+    sum of its step gradients and
+
+        ``g_e = (theta^(e-1) - theta^(e)) / eta``,
+
+    which is ``Trajectory.epoch_gradients[e-1]`` of the same run with
+    ``record_gradients=True`` (full batch: the epoch's one gradient; minibatch or
+    microbatch: the sum of the step gradients), up to the rounding of the parameter
+    updates (about ``eps * |theta| / eta`` per entry; in float64 below 1e-12 for
+    ``|theta| / eta`` up to ~1e3). The paper's gradient analyses can thus run on a
+    ``keep_epochs="all"`` trajectory without the ``num_epochs`` gradient copies of
+    ``record_gradients=True``.
+
+    Args:
+      trajectory: a single run's :class:`Trajectory` (not a task-stacked one from
+        :func:`taskvec_jax.training.sharded.finetune_stacked`) whose kept epochs are
+        consecutive, e.g. from ``keep_epochs="all"``.
+      optimizer: the optimizer the run used; it is checked to act as plain SGD (no
+        state; ``update(g) = -eta * g`` for probe gradients at two scales and two
+        parameter points), and ``eta`` is read from it.
+
+    Returns:
+      A tree like the parameters whose leaves have a leading axis of
+      ``len(trajectory.epochs) - 1``: entry ``i`` is the gradient of epoch
+      ``trajectory.epochs[i + 1]``.
+
+    Raises:
+      ValueError: if the kept epochs are fewer than two or not consecutive, or if the
+        optimizer is not plain SGD (the message says why), pointing to
+        ``record_gradients=True``.
+    """
+    epochs = np.asarray(trajectory.epochs)
+    if epochs.size < 2 or not np.all(np.diff(epochs) == 1):
+        raise ValueError(
+            "epoch_gradients needs consecutive kept epochs (finetune with "
+            f"keep_epochs='all'); this trajectory kept epochs {epochs.tolist()}. Or "
+            "finetune with record_gradients=True")
+    first = trajectory.at(int(epochs[0]))
+    eta, why = _sgd_learning_rate(optimizer, first, trajectory.opt_state)
+    if eta is None:
+        raise ValueError(
+            "epoch_gradients derives gradients from parameter differences, which is exact "
+            "only for plain SGD (optax.sgd(learning_rate) with momentum=None and a "
+            f"constant learning rate): this optimizer is not, {why}. Finetune with "
+            "record_gradients=True to record the epoch gradients instead")
+    return jax.tree.map(lambda x: (x[:-1] - x[1:]) / jnp.asarray(eta, x.dtype),
+                        trajectory.params)
