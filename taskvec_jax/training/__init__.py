@@ -176,10 +176,10 @@ def finetune(
                       losses, grads, opt_state, state)
 
 
-def _dispatch(call, cfg, consts, desc: str):
+def _dispatch(call, cfg, consts, labels):
     """Runs ``call(cfg, consts)`` (with the captured-number fallback) under the run's
-    progress bar, if it has one."""
-    with _engine.progress_bar(cfg, desc):
+    progress bars (one per label), if it has them."""
+    with _engine.progress_bar(cfg, labels):
         return _engine.execute(call, cfg, consts)
 
 
@@ -275,7 +275,7 @@ def finetune_tasks(
         res = _dispatch(
             lambda c, k, stacked=stacked, keys=keys: _engine.run_many(
                 params, opt_state, (stacked,), None, keys, start, k, c, model_state),
-            cfg, consts, f"tasks {', '.join(map(str, members))}")
+            cfg, consts, [names[t] for t in members])  # one bar per task
         for t, (buffer, losses, grads, state, finite, mstate) in zip(
                 members, _engine.split_leading(res, len(members))):
             out[t] = Trajectory(buffer, epochs, losses, grads, state, mstate)

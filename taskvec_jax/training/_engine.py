@@ -46,7 +46,8 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 
 __all__ = ["MESH_STATE_ERROR", "Closure", "Config", "Trajectory", "check_finite", "check_inputs",
            "check_optimizer", "execute", "kept_epochs", "make_config", "progress_bar", "run",
-           "run_jit", "run_many", "split_closure", "split_leading", "static_config"]
+           "run_jit", "run_many", "split_closure", "split_leading", "static_config",
+           "steps_per_epoch", "STEP_PROGRESS_MIN_STEPS"]
 
 
 class Trajectory(NamedTuple):
@@ -139,6 +140,8 @@ class Config:
     data_axis: str | None = None
     multitask_axis: str | None = None
     stateful: bool = False          # loss_fn(params, batch, state) -> (loss, new_state)
+    progress_steps: bool = False    # the bar counts minibatch steps, not epochs
+    ordered_callbacks: bool = True  # progress callbacks ordered (False inside shard_map)
 
 
 # --------------------------------------------------------------------------- closures
@@ -379,11 +382,43 @@ def check_optimizer(optimizer) -> bool:
     return any(p.kind is p.VAR_KEYWORD or p.name == "value_fn" for p in parameters)
 
 
+STEP_PROGRESS_MIN_STEPS = 100
+"""With ``progress=True``, an epoch of at least this many minibatch steps gets a bar over
+steps (``progress="steps"`` always does, ``progress="epochs"`` never)."""
+
+
+def _progress_mode(progress, batch_size, sizes, drop_remainder) -> tuple[int, bool]:
+    """``progress`` -> ``(report every k epochs (0: off), bar over steps)``."""
+    if isinstance(progress, str):
+        if progress not in ("steps", "epochs"):
+            raise ValueError(f"progress must be a bool, a positive int (report every k "
+                             f"epochs), 'steps' or 'epochs', got {progress!r}")
+        return 1, progress == "steps" and batch_size is not None
+    if not progress:
+        return 0, False
+    if progress is True:
+        if batch_size is None:  # one step per epoch
+            return 1, False
+        steps = max(steps_per_epoch(n, batch_size, drop_remainder, len(sizes) > 1)
+                    for n in sizes)
+        return 1, steps >= STEP_PROGRESS_MIN_STEPS
+    return _checks.positive_int(progress, "progress"), False
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool, multitask: bool) -> int:
+    """Optimizer steps of one minibatch epoch over ``n`` examples (module docstring of
+    :mod:`taskvec_jax.training`): ``n // B``, plus the leftover step of a single
+    dataset unless ``drop_remainder`` (multitask: ``max_t N_t // B``, no leftover)."""
+    leftover = not (drop_remainder or multitask or n % batch_size == 0)
+    return n // batch_size + int(leftover)
+
+
 def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
                 drop_remainder, keep_epochs, record_gradients, progress, key,
                 sizes: Sequence[int], names: Sequence[str], check_finite: bool = True,
                 data_axis: str | None = None, multitask_axis: str | None = None,
-                stateful: bool = False) -> tuple[Config, tuple]:
+                stateful: bool = False, ordered_callbacks: bool = True
+                ) -> tuple[Config, tuple]:
     """Validates the options of a run; returns its :class:`Config` and the numbers the
     loss and the optimizer capture (``consts``, the program's argument).
 
@@ -410,7 +445,7 @@ def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
     if stateful and (data_axis is not None or multitask_axis is not None):
         raise ValueError(MESH_STATE_ERROR)
     _, slots, num_slots, keep_start = _keep_plan(keep_epochs, num_epochs)
-    every = int(progress) if progress else 0
+    every, progress_steps = _progress_mode(progress, batch_size, sizes, drop_remainder)
     loss_closure, loss_consts = split_closure(loss_fn)
     update_closure, update_consts = split_closure(optimizer.update)
     cfg = Config(loss_fn=loss_closure, update=update_closure, extra_args=extra_args,
@@ -418,6 +453,8 @@ def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
                  microbatch_size=microbatch_size, drop_remainder=bool(drop_remainder),
                  slots=slots, num_slots=num_slots, keep_start=keep_start,
                  record_gradients=bool(record_gradients), progress=every,
+                 progress_steps=progress_steps,
+                 ordered_callbacks=bool(ordered_callbacks) and every > 0,
                  check_finite=bool(check_finite), data_axis=data_axis,
                  multitask_axis=multitask_axis, stateful=bool(stateful))
     return cfg, (loss_consts, update_consts)
@@ -565,8 +602,8 @@ def _stateful_value_and_grad(cfg: Config, params, datasets, weights, state):
 
 
 def _full_batch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
-                      epoch_key):
-    del epoch_key  # full-batch GD is deterministic
+                      epoch_key, where):
+    del epoch_key, where  # full-batch GD is deterministic; its one step is the epoch
     if cfg.stateful:
         # the state is updated once per epoch per task (per chunk with microbatch_size)
         loss, grad, state, value_fn = _stateful_value_and_grad(cfg, params, datasets,
@@ -598,13 +635,16 @@ def _full_batch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
 
 
 def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
-                     epoch_key):
+                     epoch_key, where):
     """One epoch of minibatch steps over one or several datasets.
 
     With several datasets (multitask), every step takes ``B`` examples from each task;
     the epoch has ``max_t N_t // B`` steps and a smaller task continues cyclically
     through its own permutation (``index mod N_t``), so the largest task sees each of its
     examples at most once per epoch and the others are revisited.
+
+    ``where`` is ``(relative epoch, bar index)``, for the step progress callback
+    (``cfg.progress_steps``).
     """
     b = cfg.batch_size
     sizes = [_checks.num_examples(d) for d in datasets]
@@ -617,7 +657,19 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
     def step_loss(p, batches):
         return _weighted([cfg.loss_fn(p, bt) for bt in batches], weights)
 
-    def step(carry, step_idx):
+    num_steps = steps_per_epoch(sizes[0], b, cfg.drop_remainder, len(datasets) > 1)
+    every = max(1, num_steps // 100)  # at most ~100 host callbacks per epoch
+
+    def report(i, loss):
+        if cfg.progress_steps:  # i = steps done in this epoch (1..num_steps)
+            rel_epoch, bar = where
+            jax.lax.cond(jnp.logical_or(i % every == 0, i == num_steps),
+                         lambda: _callback(cfg, functools.partial(
+                             _report_step, steps=num_steps, num_epochs=cfg.num_epochs),
+                             bar, rel_epoch, i, loss), lambda: None)
+
+    def step(carry, xs):
+        step_idx, i = xs
         params, opt_state, state, grad_sum, loss_sum = carry
         batches = [jax.tree.map(lambda x: jnp.take(x, i, axis=0), d)
                    for d, i in zip(datasets, step_idx)]
@@ -626,6 +678,7 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
                                                                    weights, state)
             params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss,
                                                 value_fn)
+            report(i + 1, loss)
             return (params, opt_state, state, tree_lib.add(grad_sum, grad),
                     loss_sum + loss), None
         if cfg.microbatch_size is None:
@@ -637,6 +690,7 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
             grad = _weighted([r[1] for r in results], weights)
         params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss,
                                             lambda p: step_loss(p, batches))
+        report(i + 1, loss)
         return (params, opt_state, state, tree_lib.add(grad_sum, grad),
                 loss_sum + loss), None
 
@@ -646,12 +700,9 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
         if cfg.stateful else jax.eval_shape(step_loss, params, first)).dtype
     carry = (params, opt_state, state, tree_lib.zeros_like(params),
              jnp.zeros((), loss_dtype))
-    carry, _ = jax.lax.scan(step, carry, idx)
-    num_steps = steps
-    rest = sizes[0] - steps * b
-    if len(datasets) == 1 and rest and not cfg.drop_remainder:
-        carry, _ = step(carry, (perms[0][steps * b:],))
-        num_steps += 1
+    carry, _ = jax.lax.scan(step, carry, (idx, jnp.arange(steps)))
+    if num_steps > steps:  # the leftover examples of a single dataset: one smaller step
+        carry, _ = step(carry, ((perms[0][steps * b:],), steps))
     params, opt_state, state, grad_sum, loss_sum = carry
     return params, opt_state, state, loss_sum / num_steps, grad_sum
 
@@ -659,58 +710,98 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
 # --------------------------------------------------------------------------- progress
 
 class _BarSlot:
-    """The bar the running program reports to. A plain object, not thread-local: XLA
-    runs host callbacks on its own threads."""
+    """The bars the running program reports to (one per task of the dispatch). A plain
+    object, not thread-local: XLA runs host callbacks on its own threads."""
 
-    bar = None
+    bars: list = []
 
 
-_BAR = _BarSlot()
+_BARS = _BarSlot()
 
 
 class progress_bar:  # noqa: N801 (a context manager used like a function)
-    """A tqdm bar over epochs that :func:`run`'s progress callback advances.
+    """tqdm bars (one per label) that :func:`run`'s progress callbacks advance.
 
-    ``with progress_bar(cfg, desc): ...`` around a dispatch; it waits for the program's
-    callbacks (``jax.effects_barrier``) before closing. With ``cfg.progress == 0`` it does
-    nothing, and the program holds no callback at all.
+    ``with progress_bar(cfg, labels): ...`` around a dispatch; ``labels`` is one label or
+    one per task of the dispatch (a vmapped group: the task with bar index ``i`` reports
+    to bar ``i``). The bars count epochs, or minibatch steps with ``cfg.progress_steps``.
+    On exit it waits for the program's callbacks (``jax.effects_barrier``) before closing
+    them. With ``cfg.progress == 0`` it does nothing, and the program holds no callback.
     """
 
-    def __init__(self, cfg: Config, desc: str):
-        self.cfg, self.desc = cfg, desc
+    def __init__(self, cfg: Config, labels: str | Sequence[str]):
+        self.cfg = cfg
+        self.labels = [labels] if isinstance(labels, str) else list(labels)
 
     def __enter__(self):
         if self.cfg.progress:
             from tqdm.auto import tqdm
-            _BAR.bar = tqdm(total=self.cfg.num_epochs, desc=self.desc, unit="epoch",
-                            leave=True, mininterval=0)
+            steps = self.cfg.progress_steps
+            _BARS.bars = [tqdm(total=None if steps else self.cfg.num_epochs, desc=label,
+                               unit="step" if steps else "epoch", leave=True,
+                               mininterval=0, position=i if len(self.labels) > 1 else None)
+                          for i, label in enumerate(self.labels)]
         return self
 
     def __exit__(self, *exc):
         if self.cfg.progress:
             jax.effects_barrier()
-            if _BAR.bar is not None:
-                _BAR.bar.close()
-            _BAR.bar = None
+            for bar in _BARS.bars:
+                bar.close()
+            _BARS.bars = []
         return False
 
 
-def _report_progress(rel_epoch, loss):
-    """Host side of the progress callback: moves the bar to ``rel_epoch``, shows the loss."""
-    bar = _BAR.bar
+def _callback(cfg: Config, fn, *args) -> None:
+    """``jax.debug.callback`` of a progress report. Ordered (the host sees the reports in
+    program order, per task) except inside ``shard_map``, where ordered effects are not
+    supported; the host side only moves a bar forward, so late reports are harmless."""
+    jax.debug.callback(fn, *args, ordered=cfg.ordered_callbacks)
+
+
+def _bar(index):
+    bars = _BARS.bars
+    i = int(np.asarray(index))
+    return bars[i] if 0 <= i < len(bars) else (bars[0] if bars else None)
+
+
+def _show(loss) -> str:
+    loss = np.asarray(loss)
+    return f"{float(loss):.5g}" if loss.ndim == 0 else np.array2string(
+        loss.reshape(-1), precision=4, max_line_width=80)
+
+
+def _report_epoch(index, rel_epoch, loss):
+    """Host side of the epoch callback: moves bar ``index`` to ``rel_epoch``, shows the
+    loss."""
+    bar = _bar(index)
     if bar is None:
         return
-    loss = np.asarray(loss)
-    shown = f"{float(loss):.5g}" if loss.ndim == 0 else np.array2string(
-        loss.reshape(-1), precision=4, max_line_width=80)
-    bar.set_postfix_str(f"loss {shown}", refresh=False)
+    bar.set_postfix_str(f"loss {_show(loss)}", refresh=False)
     bar.update(max(0, int(np.max(np.asarray(rel_epoch))) - bar.n))
+
+
+def _report_step(index, rel_epoch, step, loss, *, steps: int, num_epochs: int):
+    """Host side of the step callback: moves bar ``index`` to step ``step`` of epoch
+    ``rel_epoch`` (of ``steps`` per epoch), shows the epoch and the step's loss."""
+    bar = _bar(index)
+    if bar is None:
+        return
+    if bar.total is None:  # the steps per epoch are known inside the program
+        bar.total = steps * num_epochs
+    rel_epoch = int(np.max(np.asarray(rel_epoch)))
+    position = (rel_epoch - 1) * steps + int(np.max(np.asarray(step)))
+    if position <= bar.n:
+        return
+    bar.set_postfix_str(f"epoch {rel_epoch}/{num_epochs}, loss {_show(loss)}",
+                        refresh=False)
+    bar.update(position - bar.n)
 
 
 # --------------------------------------------------------------------------- programs
 
 def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Config,
-        model_state=None):
+        model_state=None, bar_index=0):
     """The whole run: an outer scan over epochs writing snapshots into a buffer.
 
     Args:
@@ -726,6 +817,8 @@ def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Con
       model_state: with ``cfg.stateful``, the non-trainable state (BatchNorm statistics)
         that ``loss_fn(params, batch, state) -> (loss, new_state)`` carries; it goes
         through the scan and is never differentiated.
+      bar_index: which of :class:`progress_bar`'s bars this run reports to (the task's
+        position in a vmapped group); unused without ``cfg.progress``.
 
     Returns:
       ``(buffer, losses, epoch_gradients, opt_state, finite, model_state)``; ``finite``
@@ -753,12 +846,13 @@ def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Con
         epoch = start_epoch + rel_epoch
         epoch_key = None if key is None else jax.random.fold_in(key, epoch)
         params, opt_state, state, loss, grad = epoch_fn(cfg, params, opt_state, state,
-                                                        datasets, weights, epoch_key)
-        if cfg.progress:
+                                                        datasets, weights, epoch_key,
+                                                        (rel_epoch, bar_index))
+        if cfg.progress and not cfg.progress_steps:
             report = jnp.logical_or(rel_epoch % cfg.progress == 0,
                                     rel_epoch == cfg.num_epochs)
-            jax.lax.cond(report, lambda: jax.debug.callback(
-                _report_progress, rel_epoch, loss), lambda: None)
+            jax.lax.cond(report, lambda: _callback(cfg, _report_epoch, bar_index,
+                                                   rel_epoch, loss), lambda: None)
         finite = None
         if cfg.check_finite:
             # one reduction per epoch; the host reads the [E] flags once, after the run
@@ -781,10 +875,12 @@ run_jit = jax.jit(run, static_argnames=("cfg",))
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def run_many(params, opt_state, datasets, weights, keys, start_epoch, consts, cfg,
              model_state=None):
-    """:func:`run` vmapped over tasks that share data shapes (one compiled program)."""
-    return jax.vmap(lambda d, k: run(params, opt_state, d, weights, k, start_epoch, consts,
-                                     cfg, model_state),
-                    in_axes=(0, None if keys is None else 0))(datasets, keys)
+    """:func:`run` vmapped over tasks that share data shapes (one compiled program);
+    task ``i`` of the group reports to progress bar ``i``."""
+    indices = jnp.arange(jax.tree.leaves(datasets)[0].shape[0])
+    return jax.vmap(lambda d, k, i: run(params, opt_state, d, weights, k, start_epoch,
+                                        consts, cfg, model_state, i),
+                    in_axes=(0, None if keys is None else 0, 0))(datasets, keys, indices)
 
 
 def check_finite(finite, losses, start_epoch: int, names: Sequence[str]) -> None:

@@ -180,18 +180,21 @@ def _compiled(cfg: _engine.Config, mesh: Mesh, kind: str):
     data_spec = (P(TASKS, DATA), P(TASKS)) if full_batch else P(TASKS)
 
     if kind == "tasks":
-        def local(params, opt_state, data, keys, start, consts):
-            run = lambda d, k: _engine.run(params, opt_state, (d,), None, k, start,  # noqa: E731
-                                           consts, cfg)
-            return jax.vmap(run, in_axes=(0, None if keys is None else 0))(data, keys)
+        def local(params, opt_state, data, keys, indices, start, consts):
+            run = lambda d, k, i: _engine.run(params, opt_state, (d,), None, k,  # noqa: E731
+                                              start, consts, cfg, None, i)
+            return jax.vmap(run, in_axes=(0, None if keys is None else 0, 0))(
+                data, keys, indices)
 
         def program(params, opt_state, stacked, keys, start, consts):
             data = _split_rows(stacked, nd) if full_batch else stacked
+            # task i reports to progress bar i (unused without progress)
+            indices = jnp.arange(jax.tree.leaves(stacked)[0].shape[0])
             return jax.shard_map(
                 local, mesh=mesh, check_vma=False,
-                in_specs=(P(), P(), data_spec, None if keys is None else P(TASKS), P(),
-                          P()),
-                out_specs=P(TASKS))(params, opt_state, data, keys, start, consts)
+                in_specs=(P(), P(), data_spec, None if keys is None else P(TASKS),
+                          P(TASKS), P(), P()),
+                out_specs=P(TASKS))(params, opt_state, data, keys, indices, start, consts)
     else:
         def local(params, opt_state, data, weights, start, consts):
             return _engine.run(params, opt_state, (data,), weights, None, start, consts, cfg)
@@ -242,14 +245,14 @@ def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
         key=key, sizes=[n], names=["task 0"], check_finite=check_finite,
-        data_axis=DATA if batch_size is None else None)
+        data_axis=DATA if batch_size is None else None, ordered_callbacks=False)
     _checks.loss_is_scalar(loss_fn, params, sample, min(n, cfg.batch_size or n), "task 0")
     keys = None if key is None else jnp.stack([jax.random.fold_in(key, i)
                                                for i in range(t)])
     if opt_state is None:
         opt_state = optimizer.init(params)
     start = jnp.asarray(start_epoch)
-    with _engine.progress_bar(cfg, f"{t} tasks"):
+    with _engine.progress_bar(cfg, [f"task {i}" for i in range(t)]):
         buffer, losses, grads, states, finite, _ = _engine.execute(
             lambda c, k: _compiled(c, mesh, "tasks")(params, opt_state, stacked_data, keys,
                                                      start, k), cfg, consts)
@@ -281,7 +284,8 @@ def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
         loss_fn, optimizer, num_epochs, batch_size=None, microbatch_size=microbatch_size,
         drop_remainder=drop_remainder, keep_epochs=keep_epochs,
         record_gradients=record_gradients, progress=progress, key=None, sizes=[n],
-        names=["task 0"], check_finite=check_finite, data_axis=DATA, multitask_axis=TASKS)
+        names=["task 0"], check_finite=check_finite, data_axis=DATA, multitask_axis=TASKS,
+        ordered_callbacks=False)
     _checks.loss_is_scalar(loss_fn, params, sample, n, "task 0")
     if opt_state is None:
         opt_state = optimizer.init(params)
