@@ -762,7 +762,7 @@ def _callback(cfg: Config, fn, *args) -> None:
 def _bar(index):
     bars = _BARS.bars
     i = int(np.asarray(index))
-    return bars[i] if 0 <= i < len(bars) else (bars[0] if bars else None)
+    return bars[i] if 0 <= i < len(bars) else None  # no bar: a padding task
 
 
 def _show(loss) -> str:
@@ -777,8 +777,11 @@ def _report_epoch(index, rel_epoch, loss):
     bar = _bar(index)
     if bar is None:
         return
+    rel_epoch = int(np.max(np.asarray(rel_epoch)))
+    if rel_epoch <= bar.n:  # a late report, or another device's copy of this one
+        return
     bar.set_postfix_str(f"loss {_show(loss)}", refresh=False)
-    bar.update(max(0, int(np.max(np.asarray(rel_epoch))) - bar.n))
+    bar.update(rel_epoch - bar.n)
 
 
 def _report_step(index, rel_epoch, step, loss, *, steps: int, num_epochs: int):

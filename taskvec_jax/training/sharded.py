@@ -227,14 +227,17 @@ def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
                      microbatch_size: int | None = None, key: jax.Array | None = None,
                      drop_remainder: bool = False, keep_epochs: Sequence[int] | str | None = None,
                      record_gradients: bool = False, opt_state: Any = None,
-                     start_epoch: int = 0, progress: bool | int = False,
-                     check_finite: bool = True) -> _engine.Trajectory:
+                     start_epoch: int = 0, progress: bool | int | str = False,
+                     check_finite: bool = True, num_tasks: int | None = None
+                     ) -> _engine.Trajectory:
     """Independent finetunes of ``params`` on ``T`` stacked tasks, sharded over ``mesh``.
 
     ``stacked_data`` leaves are ``[T, N, ...]`` (host arrays, or global jax Arrays built by
     :func:`global_task_array` on several hosts); ``T`` must be a multiple of the ``tasks``
     axis (:func:`stack_tasks` pads). Task ``t`` shuffles with ``fold_in(key, t)``. The
-    keyword arguments are those of :func:`taskvec_jax.finetune`.
+    keyword arguments are those of :func:`taskvec_jax.finetune`; ``num_tasks`` (default
+    ``T``) is how many of the stacked tasks are real: the padding after them gets no
+    progress bar.
 
     Returns:
       One :class:`~taskvec_jax.Trajectory` whose leaves have a leading task axis ``T``.
@@ -252,7 +255,7 @@ def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
     if opt_state is None:
         opt_state = optimizer.init(params)
     start = jnp.asarray(start_epoch)
-    with _engine.progress_bar(cfg, [f"task {i}" for i in range(t)]):
+    with _engine.progress_bar(cfg, [f"task {i}" for i in range(num_tasks or t)]):
         buffer, losses, grads, states, finite, _ = _engine.execute(
             lambda c, k: _compiled(c, mesh, "tasks")(params, opt_state, stacked_data, keys,
                                                      start, k), cfg, consts)
@@ -268,7 +271,7 @@ def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
                       microbatch_size: int | None = None, drop_remainder: bool = False,
                       keep_epochs: Sequence[int] | str | None = None,
                       record_gradients: bool = False, opt_state: Any = None,
-                      start_epoch: int = 0, progress: bool | int = False,
+                      start_epoch: int = 0, progress: bool | int | str = False,
                       check_finite: bool = True) -> _engine.Trajectory:
     """Full-batch GD on ``sum_t w_t L_t`` with tasks and examples sharded over ``mesh``.
 
@@ -319,7 +322,7 @@ def finetune_tasks_sharded(loss_fn, params, task_datasets, optimizer, num_epochs
     datasets = _checks.task_datasets(task_datasets)
     stacked, t = stack_tasks(datasets, check_mesh(mesh)[0])
     traj = finetune_stacked(loss_fn, params, stacked, optimizer, num_epochs, mesh,
-                            **options)
+                            num_tasks=t, **options)
     return unstack_trajectory(traj, t)
 
 
