@@ -191,3 +191,45 @@ def test_model_state_is_saved_and_restored_with_the_trajectory(setup, tmp_path):
         assert max_abs_diff(back.params, traj.params) == 0.0
         for e in range(3):
             assert max_abs_diff(back.model_state_at(e), traj.model_state_at(e)) == 0.0
+
+
+def test_recomputing_statistics_for_a_merged_model_with_sgd_zero(setup):
+    # docs/merging.md's recipe: one epoch of optax.sgd(0.0) over the data leaves the
+    # (merged) parameters exactly as they are and runs every batch through the model in
+    # training mode; the same compiled program as the minibatch test (structure cache)
+    data, params, state = setup
+    merged = tvj.merging.task_arithmetic(params, [tvj.tree.scale(0.1, params)], alpha=1.0)
+    key = jax.random.key(4)
+    traj = tvj.finetune(_loss, merged, data, optax.sgd(0.0), 1, batch_size=16, key=key,
+                        model_state=state)
+    assert max_abs_diff(traj.final_params, merged) == 0.0
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 1),
+                                                                0), 48))
+    s, forward = state, jax.jit(_loss)
+    for i in range(3):
+        _, s = forward(merged, jax.tree.map(lambda x: x[perm[i * 16:(i + 1) * 16]], data), s)
+    assert max_abs_diff(traj.final_model_state, s) <= 1e-12
+    assert max_abs_diff(traj.final_model_state, state) > 1e-3
+
+
+def test_resumable_finetune_saves_and_resumes_the_state(setup, tmp_path):
+    # interrupted after epoch 1, resumed to 3: the state and parameters of 3 epochs of an
+    # independent loop; a state of another dtype is another run
+    from taskvec_jax.training.resumable import resumable_finetune
+
+    data, params, state = setup
+    where = tmp_path / "run"
+    first, _ = resumable_finetune(_loss, params, data, optax.sgd(0.3), 1, where,
+                                  model_state=state)
+    run, losses = resumable_finetune(_loss, params, data, optax.sgd(0.3), 3, where,
+                                     model_state=state)
+    ref_params, ref_state, ref_losses = _reference(params, state, [data] * 3, 0.3)
+    assert run.epoch == 3 and max_abs_diff(run.model_state, ref_state) <= 1e-12
+    assert max_abs_diff(run.params, ref_params) <= 1e-12
+    assert max_abs_diff(first.model_state, run.model_state) > 1e-6
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
+    # the state's shapes and dtypes are part of the loss's fingerprint
+    with pytest.raises(ValueError, match="another run's checkpoint: the loss function "
+                       "changed"):
+        resumable_finetune(_loss, params, data, optax.sgd(0.3), 4, where,
+                           model_state=jax.tree.map(lambda x: x.astype(jnp.float32), state))

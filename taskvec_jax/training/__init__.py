@@ -74,7 +74,11 @@ from taskvec_jax.training.microbatch import mean_value_and_grad
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
-__all__ = ["Trajectory", "epoch_gradients", "finetune", "finetune_tasks",
+STEP_PROGRESS_MIN_STEPS = _engine.STEP_PROGRESS_MIN_STEPS
+"""With ``progress=True``, an epoch of at least this many minibatch steps gets a bar over
+steps instead of epochs."""
+
+__all__ = ["STEP_PROGRESS_MIN_STEPS", "Trajectory", "epoch_gradients", "finetune", "finetune_tasks",
            "mean_value_and_grad", "microbatch", "multitask_finetune", "sharded"]
 
 
@@ -93,7 +97,7 @@ def finetune(
     record_gradients: bool = False,
     opt_state: Any = None,
     start_epoch: int = 0,
-    progress: bool | int = False,
+    progress: bool | int | str = False,
     check_finite: bool = True,
     model_state: Any = None,
 ) -> Trajectory:
@@ -127,9 +131,12 @@ def finetune(
       start_epoch: absolute index of the epoch ``params`` comes from, when resuming; it
         offsets shuffling keys and ``Trajectory.epochs`` so that a resumed run equals the
         uninterrupted one bit for bit.
-      progress: a tqdm progress bar over epochs with the loss in it, advanced every
-        ``progress`` epochs (``True`` = every epoch) by a callback from inside the
-        compiled program; ``False`` (the default) compiles no callback at all.
+      progress: a tqdm progress bar with the loss in it, advanced by callbacks from
+        inside the compiled program: ``True`` over epochs, or over minibatch steps when
+        an epoch has at least :data:`STEP_PROGRESS_MIN_STEPS` steps; ``"steps"`` over
+        steps (with the epoch; at most ~100 reports per epoch), ``"epochs"`` over epochs,
+        an int ``k`` every ``k`` epochs. ``False`` (the default) compiles no callback at
+        all.
       check_finite: after the run, raise ``FloatingPointError`` naming the first epoch
         whose loss or parameters are not finite (and the last finite loss). Cost: one
         ``isfinite`` reduction over the parameters per epoch inside the program and one
@@ -198,7 +205,7 @@ def finetune_tasks(
     record_gradients: bool = False,
     opt_state: Any = None,
     start_epoch: int = 0,
-    progress: bool | int = False,
+    progress: bool | int | str = False,
     check_finite: bool = True,
     model_state: Any = None,
     mesh: Any = None,
@@ -301,7 +308,7 @@ def multitask_finetune(
     record_gradients: bool = False,
     opt_state: Any = None,
     start_epoch: int = 0,
-    progress: bool | int = False,
+    progress: bool | int | str = False,
     check_finite: bool = True,
     model_state: Any = None,
     mesh: Any = None,
