@@ -661,7 +661,8 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
     every = max(1, num_steps // 100)  # at most ~100 host callbacks per epoch
 
     def report(i, loss):
-        if cfg.progress_steps:  # i = steps done in this epoch (1..num_steps)
+        if cfg.progress_steps:  # i = the step's index in this epoch (0..num_steps-1)
+            i = i + 1
             rel_epoch, bar = where
             jax.lax.cond(jnp.logical_or(i % every == 0, i == num_steps),
                          lambda: _callback(cfg, functools.partial(
@@ -678,7 +679,7 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
                                                                    weights, state)
             params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss,
                                                 value_fn)
-            report(i + 1, loss)
+            report(i, loss)
             return (params, opt_state, state, tree_lib.add(grad_sum, grad),
                     loss_sum + loss), None
         if cfg.microbatch_size is None:
@@ -690,7 +691,7 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
             grad = _weighted([r[1] for r in results], weights)
         params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss,
                                             lambda p: step_loss(p, batches))
-        report(i + 1, loss)
+        report(i, loss)
         return (params, opt_state, state, tree_lib.add(grad_sum, grad),
                 loss_sum + loss), None
 
@@ -700,7 +701,9 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
         if cfg.stateful else jax.eval_shape(step_loss, params, first)).dtype
     carry = (params, opt_state, state, tree_lib.zeros_like(params),
              jnp.zeros((), loss_dtype))
-    carry, _ = jax.lax.scan(step, carry, (idx, jnp.arange(steps)))
+    # the step index only feeds the step progress bar: off, the scan has no such input
+    carry, _ = jax.lax.scan(step, carry,
+                            (idx, jnp.arange(steps) if cfg.progress_steps else None))
     if num_steps > steps:  # the leftover examples of a single dataset: one smaller step
         carry, _ = step(carry, ((perms[0][steps * b:],), steps))
     params, opt_state, state, grad_sum, loss_sum = carry
