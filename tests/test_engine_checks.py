@@ -158,3 +158,90 @@ def test_step_progress_bars_count_steps_per_task_with_the_epoch_and_loss(capsys)
     assert not steps_bar([2 * n - 1, 10], 2, progress=True, drop_remainder=False)
     assert steps_bar([10, n], 1, progress=True, drop_remainder=False)  # multitask: max_t
     assert not steps_bar([n], None, progress="steps", drop_remainder=False)  # full batch
+
+
+def test_multisteps_accumulates_then_steps():
+    # MultiSteps(sgd, 2): epoch 1 only accumulates; epoch 2 applies the mean of the two
+    # (equal) gradients at theta^(0): exactly one sgd step.
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    data = {"a": jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, size=(6, 3)))}
+    multi = tvj.finetune(_quadratic, params, data, optax.MultiSteps(optax.sgd(0.3), 2), 2,
+                         keep_epochs="all")
+    one = tvj.finetune(_quadratic, params, data, optax.sgd(0.3), 1)
+    np.testing.assert_array_equal(multi.at(1)["w"], params["w"])
+    # MultiSteps averages with float32 weights: equal to the sgd step to float32 rounding
+    np.testing.assert_allclose(multi.at(2)["w"], one.final_params["w"], rtol=1e-7)
+    # ... and exactly what optax's own loop over MultiSteps gives
+    opt = optax.MultiSteps(optax.sgd(0.3), 2)
+    state, p = opt.init(params), params
+    for _ in range(2):
+        updates, state = opt.update(jax.grad(_quadratic)(p, data), state, p)
+        p = optax.apply_updates(p, updates)
+    np.testing.assert_allclose(multi.at(2)["w"], p["w"], rtol=1e-14)
+
+
+def _lbfgs_reference(loss_fn, params, data, num_steps):
+    """optax's documented lbfgs loop (value_and_grad_from_state), full batch."""
+    opt = optax.lbfgs()
+    state = opt.init(params)
+    fn = lambda p: loss_fn(p, data)  # noqa: E731
+    value_and_grad = optax.value_and_grad_from_state(fn)
+
+    @jax.jit
+    def step(params, state):
+        value, grad = value_and_grad(params, state=state)
+        updates, state = opt.update(grad, state, params, value=value, grad=grad,
+                                    value_fn=fn)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(num_steps):
+        params, state = step(params, state)
+    return params
+
+
+def test_lbfgs_gets_value_grad_and_value_fn_and_matches_optax_loop():
+    rng = np.random.default_rng(2)
+    data = {"x": jnp.asarray(rng.normal(size=(20, 3))), "y": jnp.asarray(rng.normal(size=20))}
+    loss = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)  # noqa: E731
+    params = {"w": jnp.zeros(3)}
+    traj = tvj.finetune(loss, params, data, optax.lbfgs(), 2)
+    ref = _lbfgs_reference(loss, params, data, 2)
+    np.testing.assert_allclose(traj.final_params["w"], ref["w"], rtol=1e-10, atol=1e-12)
+    assert float(traj.losses[-1]) < float(traj.losses[0])
+
+
+def _bytes(tree):
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def test_default_trajectory_memory_for_vit_b32_is_two_snapshots():
+    # Counted from shapes only (jax.eval_shape): CLIP ViT-B/32's image tower, float32,
+    # 10 epochs of full-batch adam; the loss is a stand-in (memory does not depend on it).
+    from taskvec_jax.clip import model as clip_model
+
+    config = clip_model.get_config("ViT-B-32").vision
+    tower = clip_model.CLIPVisionTransformer(config)
+    image = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    params = jax.eval_shape(lambda x: tower.init(jax.random.key(0), x), image)["params"]
+    per_copy = _bytes(params)
+    num_params = per_copy // 4
+    assert 87_000_000 < num_params < 89_000_000  # "88M"
+
+    loss = lambda p, b: sum(jnp.sum(x) for x in jax.tree.leaves(p)) * jnp.mean(b["x"])  # noqa
+    data = {"x": jax.ShapeDtypeStruct((8,), jnp.float32)}
+    opt = optax.adam(1e-5)
+    default = jax.eval_shape(lambda p, d: tvj.finetune(loss, p, d, opt, 10), params, data)
+    everything = jax.eval_shape(lambda p, d: tvj.finetune(
+        loss, p, d, opt, 10, keep_epochs="all", record_gradients=True), params, data)
+    traj_default = _bytes((default.params, default.epoch_gradients, default.losses))
+    traj_all = _bytes((everything.params, everything.epoch_gradients, everything.losses))
+    assert default.epoch_gradients is None
+    assert _bytes(default.params) == 2 * per_copy  # the start and the end
+    assert traj_all == 21 * per_copy + 10 * 4     # 11 snapshots + 10 gradients + losses
+    model_and_adam = per_copy + _bytes(default.opt_state)
+    print(f"\nViT-B/32 image tower: {num_params:,} params, {per_copy / 2**20:.0f} MiB per "
+          f"float32 copy; model + adam state {model_and_adam / 2**20:.0f} MiB; 10-epoch "
+          f"Trajectory by default {traj_default / 2**20:.0f} MiB, with keep_epochs='all' "
+          f"and record_gradients=True {traj_all / 2**20:.0f} MiB")
+    assert traj_default <= model_and_adam
