@@ -224,8 +224,8 @@ def finetune_tasks(
       task_datasets: a sequence of datasets, one per task.
       batch_size, microbatch_size, key, drop_remainder, keep_epochs, record_gradients,
         opt_state, start_epoch, progress, check_finite: as in :func:`finetune` (``key`` is
-        folded with the task index; a diverged task is named in the error; the progress
-        bar is labelled with the task, or the tasks of a vmapped group).
+        folded with the task index; a diverged task is named in the error;
+        ``progress`` shows one bar per task, labelled ``task t``, also in a vmapped group).
       model_state: as in :func:`finetune`; every task starts from it and its trajectory
         holds its own states (one state per task; not with ``mesh``, which has no one
         order of state updates).
