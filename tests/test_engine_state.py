@@ -154,16 +154,16 @@ def test_microbatches_thread_the_state_through_the_chunks_in_order(setup):
 
 
 def test_multitask_threads_one_shared_state_through_the_tasks(setup):
-    # minibatch multitask: each step takes 8 examples of task 0 (24 examples) and of
-    # task 1 (16: cycled), task 0's batch updates the state first; weights 0.7, 0.3
+    # minibatch multitask: each step takes 8 examples of task 0 (16 examples: cycled)
+    # and of task 1 (24: 3 steps), task 0's batch updates the state first; weights 0.7, 0.3
     data, params, state = setup
-    tasks = [jax.tree.map(lambda x: x[:24], data), jax.tree.map(lambda x: x[24:40], data)]
+    tasks = [jax.tree.map(lambda x: x[:16], data), jax.tree.map(lambda x: x[16:40], data)]
     key = jax.random.key(3)
     traj = tvj.multitask_finetune(_loss, params, tasks, optax.sgd(0.2), 1, batch_size=8,
                                   key=key, weights=[0.7, 0.3], model_state=state)
     ek = jax.random.fold_in(key, 1)
     perms = [np.asarray(jax.random.permutation(jax.random.fold_in(ek, t), n))
-             for t, n in enumerate((24, 16))]
+             for t, n in enumerate((16, 24))]
     p, s, losses = params, state, []
     for i in range(3):
         loss, grad = 0.0, jax.tree.map(jnp.zeros_like, p)

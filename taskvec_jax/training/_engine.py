@@ -657,7 +657,8 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
     def step_loss(p, batches):
         return _weighted([cfg.loss_fn(p, bt) for bt in batches], weights)
 
-    num_steps = steps_per_epoch(sizes[0], b, cfg.drop_remainder, len(datasets) > 1)
+    num_steps = (steps if len(datasets) > 1 else
+                 steps_per_epoch(sizes[0], b, cfg.drop_remainder, False))
     every = max(1, num_steps // 100)  # at most ~100 host callbacks per epoch
 
     def report(i, loss):
