@@ -68,24 +68,41 @@ def test_divergence_names_the_task_in_finetune_tasks_and_multitask():
     assert np.all(np.isfinite(trajs[0].losses)) and not np.all(np.isfinite(trajs[1].losses))
 
 
-def _lowered_text(check_finite, progress):
+def _lowered_text(check_finite, progress, batch_size=None):
     """The StableHLO of the engine's program itself (white box: under a caller's jit the
     unused finite flags would be dead code, so the public path cannot show them)."""
     params, data = _diverging_run(2)
+    key = None if batch_size is None else jax.random.key(0)
     cfg, consts = _engine.make_config(
-        _quadratic, optax.sgd(0.1), 3, batch_size=None, microbatch_size=None,
+        _quadratic, optax.sgd(0.1), 3, batch_size=batch_size, microbatch_size=None,
         drop_remainder=False, keep_epochs=None, record_gradients=False, progress=progress,
-        key=None, sizes=[4], names=["data"], check_finite=check_finite)
+        key=key, sizes=[4], names=["data"], check_finite=check_finite)
     opt_state = optax.sgd(0.1).init(params)
-    return _engine.run_jit.lower(params, opt_state, (data,), None, None, jnp.asarray(0),
+    return _engine.run_jit.lower(params, opt_state, (data,), None, key, jnp.asarray(0),
                                  consts, cfg).as_text()
 
 
 def test_off_switches_leave_nothing_in_the_program():
-    plain = _lowered_text(check_finite=False, progress=False)
-    assert "is_finite" not in plain and "callback" not in plain
+    for batch_size in (None, 2):
+        plain = _lowered_text(check_finite=False, progress=False, batch_size=batch_size)
+        assert "is_finite" not in plain and "callback" not in plain
     assert "is_finite" in _lowered_text(check_finite=True, progress=False)
     assert "callback" in _lowered_text(check_finite=False, progress=True)
+    # the step bar's callback sits in the step loop: the epoch bar's does not
+    epochs = _lowered_text(check_finite=False, progress="epochs", batch_size=2)
+    steps = _lowered_text(check_finite=False, progress="steps", batch_size=2)
+    assert "callback" in epochs and "callback" in steps
+    assert _engine.make_config(
+        _quadratic, optax.sgd(0.1), 3, batch_size=2, microbatch_size=None,
+        drop_remainder=False, keep_epochs=None, record_gradients=False, progress="steps",
+        key=jax.random.key(0), sizes=[4], names=["data"])[0].progress_steps
+    with pytest.raises(ValueError, match="progress must be a bool, a positive int"):
+        tvj.finetune(_quadratic, *_diverging_run(1), optax.sgd(0.1), 1, progress="step")
+
+
+def _bar_lines(err: str) -> list[str]:
+    """tqdm's refreshes (carriage returns and cursor moves) as separate lines."""
+    return [line for line in re.split(r"[\r\n]|\x1b\[A", err) if line.strip()]
 
 
 def test_progress_bar_labels_tasks(capsys):
@@ -93,8 +110,54 @@ def test_progress_bar_labels_tasks(capsys):
     small = {"a": data["a"][:3]}
     tvj.finetune_tasks(_quadratic, params, [data, data, small], optax.sgd(0.1), 3,
                        progress=True)
-    err = capsys.readouterr().err
-    assert "tasks 0, 1" in err and "task 2" in err and "3/3" in err and "loss" in err
+    lines = _bar_lines(capsys.readouterr().err)
+    # one bar per task, also inside the vmapped group of tasks 0 and 1
+    for t in range(3):
+        assert any(line.startswith(f"task {t}:") and "3/3" in line and "loss" in line
+                   for line in lines), t
+
+
+def test_step_progress_bars_count_steps_per_task_with_the_epoch_and_loss(capsys):
+    # 10 examples in steps of 4: 2 full steps and the leftover step, 3 per epoch; tasks 0
+    # and 1 share shapes (one vmapped program), task 2 (8 examples: 2 steps) runs alone
+    params = {"w": jnp.ones(3)}
+    a = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, size=(10, 3)))
+    tasks = [{"a": a}, {"a": a[::-1]}, {"a": a[:8]}]
+    key = jax.random.key(2)
+    trajs = tvj.finetune_tasks(_quadratic, params, tasks, optax.sgd(0.1), 2, batch_size=4,
+                               key=key, progress="steps")
+    lines = _bar_lines(capsys.readouterr().err)
+    for t, total in ((0, 6), (1, 6), (2, 4)):
+        mine = [line for line in lines if line.startswith(f"task {t}:")]
+        last = [line for line in mine if f"{total}/{total}" in line]
+        assert last and "epoch 2/2" in last[-1] and "loss " in last[-1], (t, mine)
+        # every step was shown, in the order the steps ran (epoch 1's before epoch 2's)
+        counts = [int(m.group(1)) for m in map(re.compile(rf"(\d+)/{total} ").search,
+                                               mine) if m]
+        assert sorted(set(counts)) == list(range(1, total + 1)), counts
+        assert counts == sorted(counts), counts
+        first2 = min(i for i, line in enumerate(mine) if "epoch 2/2" in line)
+        assert all("epoch 2/2" not in line for line in mine[:first2])
+        assert all("epoch 1/2" not in line for line in mine[first2:])
+    # the same trajectories as without progress (the callbacks change nothing)
+    quiet = tvj.finetune_tasks(_quadratic, params, tasks, optax.sgd(0.1), 2, batch_size=4,
+                               key=key)
+    for t in range(3):
+        np.testing.assert_array_equal(trajs[t].params["w"], quiet[t].params["w"])
+    # progress=True: an epoch bar below the threshold of steps, a step bar from it on
+    n = _engine.STEP_PROGRESS_MIN_STEPS
+
+    def steps_bar(num_examples, batch_size, **kw):
+        return _engine.make_config(
+            _quadratic, optax.sgd(0.1), 2, batch_size=batch_size, microbatch_size=None,
+            keep_epochs=None, record_gradients=False, key=key, names=["a", "b"],
+            sizes=num_examples, **kw)[0].progress_steps
+
+    assert steps_bar([2 * n - 1], 2, progress=True, drop_remainder=False)  # leftover step
+    assert not steps_bar([2 * n - 1], 2, progress=True, drop_remainder=True)
+    assert not steps_bar([2 * n - 1, 10], 2, progress=True, drop_remainder=False)
+    assert steps_bar([10, n], 1, progress=True, drop_remainder=False)  # multitask: max_t
+    assert not steps_bar([n], None, progress="steps", drop_remainder=False)  # full batch
 
 
 def test_multisteps_accumulates_then_steps():

@@ -183,3 +183,25 @@ def test_atm_accepts_a_mesh_and_gives_the_same_rounds():
     a = tvj.merging.atm(loss_fn, params, tasks, optax.sgd(0.2), 3, mesh=mesh)
     b = tvj.merging.atm(loss_fn, params, tasks, optax.sgd(0.2), 3)
     assert max_abs_diff(a.params, b.params) <= 1e-12
+
+
+def test_sharded_progress_bars_one_per_real_task(capsys):
+    # 5 tasks on 4 task shards (padded to 8): bars for tasks 0..4 only, each counting its
+    # 2 epochs x 3 steps (10 examples, batch 4: 2 steps and the leftover one)
+    def loss(p, b):
+        return jnp.mean(0.5 * jnp.sum(b["a"] * p["w"] ** 2, axis=-1))
+
+    rng = np.random.default_rng(0)
+    tasks = [{"a": jnp.asarray(rng.uniform(0.5, 1.5, size=(10, 3)))} for _ in range(5)]
+    params, key = {"w": jnp.ones(3)}, jax.random.key(1)
+    mesh = sharded.make_mesh(4, 2)
+    trajs = tvj.finetune_tasks(loss, params, tasks, optax.sgd(0.1), 2, batch_size=4,
+                               key=key, mesh=mesh, progress="steps")
+    err = capsys.readouterr().err
+    for t in range(5):
+        assert f"task {t}: 100%" in err and "6/6" in err, t
+    assert "task 5" not in err and "task 7" not in err
+    single = tvj.finetune_tasks(loss, params, tasks, optax.sgd(0.1), 2, batch_size=4,
+                                key=key)
+    for a, b in zip(trajs, single):
+        assert max_abs_diff(a.params, b.params) <= 1e-12

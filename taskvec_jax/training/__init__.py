@@ -28,6 +28,7 @@ Conventions (shared by :func:`finetune`, :func:`finetune_tasks`, :func:`multitas
   of the step losses.
 * ``Trajectory.epoch_gradients[e-1]`` is the sum of the gradients of epoch ``e``'s steps
   (for full batch, the one gradient), the quantity the paper's gradient analysis uses.
+  For plain SGD it is derivable from kept snapshots, :func:`epoch_gradients`.
 
 Memory (defaults): a :class:`Trajectory` keeps two parameter snapshots (the start and the
 end) and no epoch gradients, so a run holds the model, the optimizer state, one gradient
@@ -61,6 +62,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from taskvec_jax import _checks
@@ -72,8 +74,12 @@ from taskvec_jax.training.microbatch import mean_value_and_grad
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
-__all__ = ["Trajectory", "finetune", "finetune_tasks", "mean_value_and_grad", "microbatch",
-           "multitask_finetune", "sharded"]
+STEP_PROGRESS_MIN_STEPS = _engine.STEP_PROGRESS_MIN_STEPS
+"""With ``progress=True``, an epoch of at least this many minibatch steps gets a bar over
+steps instead of epochs."""
+
+__all__ = ["STEP_PROGRESS_MIN_STEPS", "Trajectory", "epoch_gradients", "finetune", "finetune_tasks",
+           "mean_value_and_grad", "microbatch", "multitask_finetune", "sharded"]
 
 
 def finetune(
@@ -91,7 +97,7 @@ def finetune(
     record_gradients: bool = False,
     opt_state: Any = None,
     start_epoch: int = 0,
-    progress: bool | int = False,
+    progress: bool | int | str = False,
     check_finite: bool = True,
     model_state: Any = None,
 ) -> Trajectory:
@@ -125,9 +131,12 @@ def finetune(
       start_epoch: absolute index of the epoch ``params`` comes from, when resuming; it
         offsets shuffling keys and ``Trajectory.epochs`` so that a resumed run equals the
         uninterrupted one bit for bit.
-      progress: a tqdm progress bar over epochs with the loss in it, advanced every
-        ``progress`` epochs (``True`` = every epoch) by a callback from inside the
-        compiled program; ``False`` (the default) compiles no callback at all.
+      progress: a tqdm progress bar with the loss in it, advanced by callbacks from
+        inside the compiled program: ``True`` over epochs, or over minibatch steps when
+        an epoch has at least :data:`STEP_PROGRESS_MIN_STEPS` steps; ``"steps"`` over
+        steps (with the epoch; at most ~100 reports per epoch), ``"epochs"`` over epochs,
+        an int ``k`` every ``k`` epochs. ``False`` (the default) compiles no callback at
+        all.
       check_finite: after the run, raise ``FloatingPointError`` naming the first epoch
         whose loss or parameters are not finite (and the last finite loss). Cost: one
         ``isfinite`` reduction over the parameters per epoch inside the program and one
@@ -136,8 +145,14 @@ def finetune(
       model_state: non-trainable model state (flax linen ``variables["batch_stats"]``, an
         nnx ``BatchStat`` state). When given, ``loss_fn(params, batch, state) -> (loss,
         new_state)``: the state is carried through the run (updated once per optimizer
-        step, by that step's batch), never differentiated and never in ``params``; the
-        final state is ``Trajectory.model_state``. Not with ``microbatch_size``.
+        step, by that step's batch), never differentiated and never in ``params``.
+        ``Trajectory.model_state`` holds it at every kept epoch, like ``params`` (one
+        state copy per kept epoch); ``Trajectory.final_model_state`` is the last. With
+        ``microbatch_size`` the state is threaded through the chunks in order (one
+        update per chunk, the leftover chunk last) and each chunk's loss and gradient are
+        taken at the state the previous chunks left: for BatchNorm in training mode, the
+        gradient is that of "ghost" batch normalization over chunks, not the unsplit
+        one (docs/training.md).
 
     Returns:
       A :class:`Trajectory`.
@@ -168,10 +183,10 @@ def finetune(
                       losses, grads, opt_state, state)
 
 
-def _dispatch(call, cfg, consts, desc: str):
+def _dispatch(call, cfg, consts, labels):
     """Runs ``call(cfg, consts)`` (with the captured-number fallback) under the run's
-    progress bar, if it has one."""
-    with _engine.progress_bar(cfg, desc):
+    progress bars (one per label), if it has them."""
+    with _engine.progress_bar(cfg, labels):
         return _engine.execute(call, cfg, consts)
 
 
@@ -190,7 +205,7 @@ def finetune_tasks(
     record_gradients: bool = False,
     opt_state: Any = None,
     start_epoch: int = 0,
-    progress: bool | int = False,
+    progress: bool | int | str = False,
     check_finite: bool = True,
     model_state: Any = None,
     mesh: Any = None,
@@ -209,10 +224,11 @@ def finetune_tasks(
       task_datasets: a sequence of datasets, one per task.
       batch_size, microbatch_size, key, drop_remainder, keep_epochs, record_gradients,
         opt_state, start_epoch, progress, check_finite: as in :func:`finetune` (``key`` is
-        folded with the task index; a diverged task is named in the error; the progress
-        bar is labelled with the task, or the tasks of a vmapped group).
+        folded with the task index; a diverged task is named in the error;
+        ``progress`` shows one bar per task, labelled ``task t``, also in a vmapped group).
       model_state: as in :func:`finetune`; every task starts from it and its trajectory
-        holds its own final state (not with ``mesh``).
+        holds its own states (one state per task; not with ``mesh``, which has no one
+        order of state updates).
       mesh: a ``(tasks, data)`` mesh from :func:`taskvec_jax.training.sharded.make_mesh`:
         tasks are spread over ``tasks`` (padded to a multiple of its size) and each
         full-batch gradient is split over ``data``. All tasks must then share data shapes.
@@ -226,7 +242,7 @@ def finetune_tasks(
                    start_epoch=start_epoch, progress=progress, check_finite=check_finite)
     if mesh is not None:
         if model_state is not None:
-            raise ValueError("model_state= is not supported with mesh=; run without a mesh")
+            raise ValueError(_engine.MESH_STATE_ERROR)
         return sharded.finetune_tasks_sharded(loss_fn, params, task_datasets, optimizer,
                                               num_epochs, mesh, **options)
     datasets = _checks.task_datasets(task_datasets)
@@ -237,13 +253,8 @@ def finetune_tasks(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=[max(sizes)] if model_state is not None else sizes,
-        names=names, check_finite=check_finite, stateful=model_state is not None)
-    if model_state is not None:  # one dataset per run: the per-task batch-size check
-        for n, name in zip(sizes, names):
-            if batch_size is not None and batch_size > n:
-                raise ValueError(f"batch_size {batch_size} exceeds the {n} examples of "
-                                 f"{name}")
+        key=key, sizes=sizes, names=names, check_finite=check_finite,
+        stateful=model_state is not None)
     groups = sharded.group_by_signature(datasets)
     # same shapes, same loss shape: check one task per group
     _engine.check_inputs(loss_fn, params, [datasets[g[0]] for g in groups], cfg,
@@ -271,7 +282,7 @@ def finetune_tasks(
         res = _dispatch(
             lambda c, k, stacked=stacked, keys=keys: _engine.run_many(
                 params, opt_state, (stacked,), None, keys, start, k, c, model_state),
-            cfg, consts, f"tasks {', '.join(map(str, members))}")
+            cfg, consts, [names[t] for t in members])  # one bar per task
         for t, (buffer, losses, grads, state, finite, mstate) in zip(
                 members, _engine.split_leading(res, len(members))):
             out[t] = Trajectory(buffer, epochs, losses, grads, state, mstate)
@@ -297,8 +308,9 @@ def multitask_finetune(
     record_gradients: bool = False,
     opt_state: Any = None,
     start_epoch: int = 0,
-    progress: bool | int = False,
+    progress: bool | int | str = False,
     check_finite: bool = True,
+    model_state: Any = None,
     mesh: Any = None,
 ) -> Trajectory:
     """Gradient descent on the multitask loss ``L_MT = sum_t w_t L_t`` (``w_t = 1`` default).
@@ -317,6 +329,11 @@ def multitask_finetune(
       weights: optional per-task weights ``w_t``.
       batch_size, microbatch_size, key, drop_remainder, keep_epochs, record_gradients,
         opt_state, start_epoch, progress, check_finite: as in :func:`finetune`.
+      model_state: as in :func:`finetune`, ONE state shared by the tasks (the model is
+        one model): every step threads it through the tasks in order, task 0's batch
+        first (each task's loss and gradient are taken at the state the tasks before it
+        left), which is what a Python loop calling the model on each task's batch does.
+        Not with ``mesh`` (its tasks run side by side).
       mesh: a ``(tasks, data)`` mesh (full batch only): each device computes its tasks'
         gradients on its share of the examples, and ``psum`` assembles ``grad L_MT``.
 
@@ -324,6 +341,8 @@ def multitask_finetune(
       A :class:`Trajectory`.
     """
     if mesh is not None:
+        if model_state is not None:
+            raise ValueError(_engine.MESH_STATE_ERROR)
         # Sharded multitask is full batch (multitask_stacked rejects batch_size), which
         # never shuffles: `key` has nothing to do there.
         return sharded.multitask_sharded(
@@ -345,14 +364,106 @@ def multitask_finetune(
         loss_fn, optimizer, num_epochs, batch_size=batch_size,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
-        key=key, sizes=sizes, names=names, check_finite=check_finite)
-    _engine.check_inputs(loss_fn, params, datasets, cfg, names)
+        key=key, sizes=sizes, names=names, check_finite=check_finite,
+        stateful=model_state is not None)
+    _engine.check_inputs(loss_fn, params, datasets, cfg, names, model_state)
     if opt_state is None:
         opt_state = optimizer.init(params)
     start = jnp.asarray(start_epoch)
-    buffer, losses, grads, opt_state, finite, _ = _dispatch(
-        lambda c, k: _engine.run_jit(params, opt_state, datasets, weights, key, start, k, c),
+    buffer, losses, grads, opt_state, finite, state = _dispatch(
+        lambda c, k: _engine.run_jit(params, opt_state, datasets, weights, key, start, k, c,
+                                     model_state),
         cfg, consts, "multitask")
     _engine.check_finite(finite, losses, start_epoch, ["multitask"])
     return Trajectory(buffer, _engine.kept_epochs(keep_epochs, num_epochs, start_epoch),
-                      losses, grads, opt_state)
+                      losses, grads, opt_state, state)
+
+
+def _sgd_learning_rate(optimizer, params: PyTree, opt_state: Any) -> tuple[float | None, str]:
+    """``(eta, "")`` if ``optimizer`` acts as plain SGD, ``u = -eta g``, else ``(None, why)``.
+    ``opt_state`` is the run's final optimizer state (it too must be empty).
+
+    Plain SGD has no state and maps every gradient to ``-eta`` times itself, whatever the
+    gradient's scale and the parameters: probed with a random gradient at two scales
+    (1 and 1e4: a clip would show) and at two parameter points (weight decay would show).
+    """
+    state = optimizer.init(params)
+    if jax.tree.leaves(opt_state) or jax.tree.leaves(state):
+        return None, ("its state is not empty (momentum, a schedule's step count, "
+                      "adaptive moments, MultiSteps' accumulator)")
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    probe = [np.asarray(rng.normal(size=np.shape(x)) + 0.5, jnp.result_type(x))
+             for x in leaves]
+    eta = None
+    for scale, shift in ((1.0, 0.0), (1e4, 1.0)):
+        g = jax.tree.unflatten(treedef, [jnp.asarray(scale * x, x.dtype) for x in probe])
+        p = jax.tree.map(lambda x: x + shift, params)
+        try:
+            u, _ = optimizer.update(g, state, p)
+        except (TypeError, ValueError) as e:  # needs value= / value_fn= (lbfgs)
+            return None, f"update(grad, state, params) fails: {type(e).__name__}: {e}"
+        for gl, ul in zip(jax.tree.leaves(g), jax.tree.leaves(u)):
+            gl, ul = np.asarray(gl, np.float64), np.asarray(ul, np.float64)
+            if eta is None:
+                eta = float(-ul.reshape(-1)[0] / gl.reshape(-1)[0])
+            tol = 16 * float(jnp.finfo(jnp.result_type(leaves[0])).eps)
+            if not (eta > 0 and np.allclose(ul, -eta * gl, rtol=tol, atol=0)):
+                return None, ("its update is not -learning_rate * gradient for every "
+                              "gradient and parameters (clipping, weight decay, a "
+                              "normalization or a sign)")
+    return eta, ""
+
+
+def epoch_gradients(trajectory: Trajectory, optimizer: optax.GradientTransformation
+                    ) -> PyTree:
+    """The epoch gradients of a plain-SGD run, derived from its kept parameters.
+
+    Plain SGD (``optax.sgd(eta)``: no momentum, no schedule, nothing chained) steps
+    ``theta <- theta - eta * g``, so an epoch moves the parameters by ``-eta`` times the
+    sum of its step gradients and
+
+        ``g_e = (theta^(e-1) - theta^(e)) / eta``,
+
+    which is ``Trajectory.epoch_gradients[e-1]`` of the same run with
+    ``record_gradients=True`` (full batch: the epoch's one gradient; minibatch or
+    microbatch: the sum of the step gradients), up to the rounding of the parameter
+    updates (about ``eps * |theta| / eta`` per entry; in float64 below 1e-12 for
+    ``|theta| / eta`` up to ~1e3). The paper's gradient analyses can thus run on a
+    ``keep_epochs="all"`` trajectory without the ``num_epochs`` gradient copies of
+    ``record_gradients=True``.
+
+    Args:
+      trajectory: a single run's :class:`Trajectory` (not a task-stacked one from
+        :func:`taskvec_jax.training.sharded.finetune_stacked`) whose kept epochs are
+        consecutive, e.g. from ``keep_epochs="all"``.
+      optimizer: the optimizer the run used; it is checked to act as plain SGD (no
+        state; ``update(g) = -eta * g`` for probe gradients at two scales and two
+        parameter points), and ``eta`` is read from it.
+
+    Returns:
+      A tree like the parameters whose leaves have a leading axis of
+      ``len(trajectory.epochs) - 1``: entry ``i`` is the gradient of epoch
+      ``trajectory.epochs[i + 1]``.
+
+    Raises:
+      ValueError: if the kept epochs are fewer than two or not consecutive, or if the
+        optimizer is not plain SGD (the message says why), pointing to
+        ``record_gradients=True``.
+    """
+    epochs = np.asarray(trajectory.epochs)
+    if epochs.size < 2 or not np.all(np.diff(epochs) == 1):
+        raise ValueError(
+            "epoch_gradients needs consecutive kept epochs (finetune with "
+            f"keep_epochs='all'); this trajectory kept epochs {epochs.tolist()}. Or "
+            "finetune with record_gradients=True")
+    first = trajectory.at(int(epochs[0]))
+    eta, why = _sgd_learning_rate(optimizer, first, trajectory.opt_state)
+    if eta is None:
+        raise ValueError(
+            "epoch_gradients derives gradients from parameter differences, which is exact "
+            "only for plain SGD (optax.sgd(learning_rate) with momentum=None and a "
+            f"constant learning rate): this optimizer is not, {why}. Finetune with "
+            "record_gradients=True to record the epoch gradients instead")
+    return jax.tree.map(lambda x: (x[:-1] - x[1:]) / jnp.asarray(eta, x.dtype),
+                        trajectory.params)

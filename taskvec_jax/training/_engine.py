@@ -36,14 +36,18 @@ import optax
 
 from taskvec_jax import _checks
 from taskvec_jax import tree as tree_lib
-from taskvec_jax.training.microbatch import mean_over_microbatches, mean_value_and_grad
+from taskvec_jax.training.microbatch import (mean_over_microbatches,
+                                             mean_over_microbatches_with_state,
+                                             mean_value_and_grad,
+                                             mean_value_and_grad_with_state)
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
-__all__ = ["Closure", "Config", "Trajectory", "check_finite", "check_inputs",
+__all__ = ["MESH_STATE_ERROR", "Closure", "Config", "Trajectory", "check_finite", "check_inputs",
            "check_optimizer", "execute", "kept_epochs", "make_config", "progress_bar", "run",
-           "run_jit", "run_many", "split_closure", "split_leading", "static_config"]
+           "run_jit", "run_many", "split_closure", "split_leading", "static_config",
+           "steps_per_epoch", "STEP_PROGRESS_MIN_STEPS"]
 
 
 class Trajectory(NamedTuple):
@@ -59,9 +63,11 @@ class Trajectory(NamedTuple):
       epoch_gradients: every leaf ``[num_epochs, ...]``, the sum of each epoch's step
         gradients; ``None`` when ``record_gradients=False``.
       opt_state: the optimizer state after the last epoch (resume from it).
-      model_state: the non-trainable model state after the last epoch (BatchNorm
-        statistics, when finetuning with ``model_state=``); ``None`` otherwise. It is
-        never differentiated and never part of ``params`` (so never of a task vector).
+      model_state: the non-trainable model state (BatchNorm statistics, when finetuning
+        with ``model_state=``) at every kept epoch, like ``params``: every leaf has a
+        leading axis of length ``len(epochs)`` (memory: one state copy per kept epoch);
+        ``None`` otherwise. It is never differentiated and never part of ``params`` (so
+        never of a task vector). :attr:`final_model_state` is the last one.
     """
 
     params: PyTree
@@ -76,14 +82,31 @@ class Trajectory(NamedTuple):
         """The parameters after the last epoch (always kept)."""
         return jax.tree.map(lambda x: x[-1], self.params)
 
-    def at(self, epoch: int) -> PyTree:
-        """The parameters after absolute epoch ``epoch`` (must be a kept epoch)."""
+    @property
+    def final_model_state(self) -> Any:
+        """The model state after the last epoch (``None`` without ``model_state=``)."""
+        return None if self.model_state is None else jax.tree.map(lambda x: x[-1],
+                                                                  self.model_state)
+
+    def _index(self, epoch: int) -> int:
         matches = np.nonzero(np.asarray(self.epochs) == epoch)[0]
         if matches.size == 0:
             raise ValueError(f"epoch {epoch} was not kept; kept epochs are "
                              f"{np.asarray(self.epochs).tolist()}")
-        i = int(matches[0])
+        return int(matches[0])
+
+    def at(self, epoch: int) -> PyTree:
+        """The parameters after absolute epoch ``epoch`` (must be a kept epoch)."""
+        i = self._index(epoch)
         return jax.tree.map(lambda x: x[i], self.params)
+
+    def model_state_at(self, epoch: int) -> Any:
+        """The model state after absolute epoch ``epoch`` (must be a kept epoch)."""
+        i = self._index(epoch)
+        if self.model_state is None:
+            raise ValueError("this trajectory has no model state (finetune without "
+                             "model_state=)")
+        return jax.tree.map(lambda x: x[i], self.model_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +140,8 @@ class Config:
     data_axis: str | None = None
     multitask_axis: str | None = None
     stateful: bool = False          # loss_fn(params, batch, state) -> (loss, new_state)
+    progress_steps: bool = False    # the bar counts minibatch steps, not epochs
+    ordered_callbacks: bool = True  # progress callbacks ordered (False inside shard_map)
 
 
 # --------------------------------------------------------------------------- closures
@@ -334,6 +359,13 @@ def _keep_plan(keep_epochs: Sequence[int] | str | None, num_epochs: int):
     return tuple(kept), tuple(slots), len(kept), keep_start
 
 
+MESH_STATE_ERROR = (
+    "model_state= is not supported with mesh=: the mesh splits each full-batch gradient "
+    "over the 'data' axis (and multitask runs its tasks side by side), so there is no one "
+    "order in which the batches would update the state; a sequential state (BatchNorm "
+    "statistics) needs the single-device run: drop mesh=")
+
+
 def check_optimizer(optimizer) -> bool:
     """Raises unless ``optimizer`` has callable ``init`` and ``update``; returns whether
     its ``update`` takes keyword arguments (``value``, ``grad``, ``value_fn``: optax's
@@ -350,11 +382,43 @@ def check_optimizer(optimizer) -> bool:
     return any(p.kind is p.VAR_KEYWORD or p.name == "value_fn" for p in parameters)
 
 
+STEP_PROGRESS_MIN_STEPS = 100
+"""With ``progress=True``, an epoch of at least this many minibatch steps gets a bar over
+steps (``progress="steps"`` always does, ``progress="epochs"`` never)."""
+
+
+def _progress_mode(progress, batch_size, sizes, drop_remainder) -> tuple[int, bool]:
+    """``progress`` -> ``(report every k epochs (0: off), bar over steps)``."""
+    if isinstance(progress, str):
+        if progress not in ("steps", "epochs"):
+            raise ValueError(f"progress must be a bool, a positive int (report every k "
+                             f"epochs), 'steps' or 'epochs', got {progress!r}")
+        return 1, progress == "steps" and batch_size is not None
+    if not progress:
+        return 0, False
+    if progress is True:
+        if batch_size is None:  # one step per epoch
+            return 1, False
+        steps = max(steps_per_epoch(n, batch_size, drop_remainder, len(sizes) > 1)
+                    for n in sizes)
+        return 1, steps >= STEP_PROGRESS_MIN_STEPS
+    return _checks.positive_int(progress, "progress"), False
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool, multitask: bool) -> int:
+    """Optimizer steps of one minibatch epoch over ``n`` examples (module docstring of
+    :mod:`taskvec_jax.training`): ``n // B``, plus the leftover step of a single
+    dataset unless ``drop_remainder`` (multitask: ``max_t N_t // B``, no leftover)."""
+    leftover = not (drop_remainder or multitask or n % batch_size == 0)
+    return n // batch_size + int(leftover)
+
+
 def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
                 drop_remainder, keep_epochs, record_gradients, progress, key,
                 sizes: Sequence[int], names: Sequence[str], check_finite: bool = True,
                 data_axis: str | None = None, multitask_axis: str | None = None,
-                stateful: bool = False) -> tuple[Config, tuple]:
+                stateful: bool = False, ordered_callbacks: bool = True
+                ) -> tuple[Config, tuple]:
     """Validates the options of a run; returns its :class:`Config` and the numbers the
     loss and the optimizer capture (``consts``, the program's argument).
 
@@ -378,17 +442,10 @@ def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
         if key is None:
             raise ValueError(f"batch_size={batch_size} shuffles the data every epoch and "
                              "needs a PRNG key: pass key=jax.random.key(0)")
-    if stateful:
-        if len(sizes) > 1 or data_axis is not None or multitask_axis is not None:
-            raise ValueError("model_state= is supported by finetune and finetune_tasks "
-                             "without a mesh (one dataset per run); multitask and sharded "
-                             "runs take loss_fn(params, batch) only")
-        if microbatch_size is not None:
-            raise ValueError("model_state= with microbatch_size= is not supported: a "
-                             "stateful loss (BatchNorm statistics) over chunks is not the "
-                             "loss over the whole batch; drop microbatch_size")
+    if stateful and (data_axis is not None or multitask_axis is not None):
+        raise ValueError(MESH_STATE_ERROR)
     _, slots, num_slots, keep_start = _keep_plan(keep_epochs, num_epochs)
-    every = int(progress) if progress else 0
+    every, progress_steps = _progress_mode(progress, batch_size, sizes, drop_remainder)
     loss_closure, loss_consts = split_closure(loss_fn)
     update_closure, update_consts = split_closure(optimizer.update)
     cfg = Config(loss_fn=loss_closure, update=update_closure, extra_args=extra_args,
@@ -396,6 +453,8 @@ def make_config(loss_fn, optimizer, num_epochs, *, batch_size, microbatch_size,
                  microbatch_size=microbatch_size, drop_remainder=bool(drop_remainder),
                  slots=slots, num_slots=num_slots, keep_start=keep_start,
                  record_gradients=bool(record_gradients), progress=every,
+                 progress_steps=progress_steps,
+                 ordered_callbacks=bool(ordered_callbacks) and every > 0,
                  check_finite=bool(check_finite), data_axis=data_axis,
                  multitask_axis=multitask_axis, stateful=bool(stateful))
     return cfg, (loss_consts, update_consts)
@@ -513,16 +572,43 @@ def _dataset_value_and_grad(cfg: Config, params, data):
     return jax.tree.map(jnp.add, *parts) if len(parts) == 2 else parts[0]
 
 
+def _stateful_value_and_grad(cfg: Config, params, datasets, weights, state):
+    """``sum_t w_t (L_t, grad L_t)`` of a stateful loss and the state after all batches.
+
+    One state is threaded through the tasks in order (task 0's batch, then task 1's, ...)
+    and, with ``microbatch_size``, through each batch's chunks in order
+    (:func:`~taskvec_jax.training.microbatch.mean_value_and_grad_with_state`): the
+    updates a Python loop over the same batches would make. The state is never
+    differentiated: each task's gradient is taken at the state it was handed.
+
+    Returns:
+      ``(loss, grad, new_state, value_fn)``; ``value_fn(p)`` is the loss at ``p`` with the
+      states each task was handed (the value optax's line searches evaluate).
+    """
+    losses, grads, handed = [], [], []
+    for d in datasets:
+        handed.append(state)
+        loss, grad, state = mean_value_and_grad_with_state(cfg.loss_fn, params, d, state,
+                                                           cfg.microbatch_size)
+        losses.append(loss)
+        grads.append(grad)
+
+    def value_fn(p):
+        return _weighted([mean_over_microbatches_with_state(
+            lambda b, s: cfg.loss_fn(p, b, s), d, s0, cfg.microbatch_size)[0]
+            for d, s0 in zip(datasets, handed)], weights)
+
+    return _weighted(losses, weights), _weighted(grads, weights), state, value_fn
+
+
 def _full_batch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
-                      epoch_key):
-    del epoch_key  # full-batch GD is deterministic
+                      epoch_key, where):
+    del epoch_key, where  # full-batch GD is deterministic; its one step is the epoch
     if cfg.stateful:
-        # one dataset (make_config checks): the state is updated once, by the whole batch
-        (loss, state), grad = jax.value_and_grad(
-            lambda p: cfg.loss_fn(p, datasets[0], state), has_aux=True)(params)
-        params, opt_state = _optimizer_step(
-            cfg, params, opt_state, grad, loss,
-            lambda p: cfg.loss_fn(p, datasets[0], state)[0])
+        # the state is updated once per epoch per task (per chunk with microbatch_size)
+        loss, grad, state, value_fn = _stateful_value_and_grad(cfg, params, datasets,
+                                                               weights, state)
+        params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss, value_fn)
         return params, opt_state, state, loss, grad
     if cfg.multitask_axis is None:
         results = [_dataset_value_and_grad(cfg, params, d) for d in datasets]
@@ -549,13 +635,16 @@ def _full_batch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
 
 
 def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
-                     epoch_key):
+                     epoch_key, where):
     """One epoch of minibatch steps over one or several datasets.
 
     With several datasets (multitask), every step takes ``B`` examples from each task;
     the epoch has ``max_t N_t // B`` steps and a smaller task continues cyclically
     through its own permutation (``index mod N_t``), so the largest task sees each of its
     examples at most once per epoch and the others are revisited.
+
+    ``where`` is ``(relative epoch, bar index)``, for the step progress callback
+    (``cfg.progress_steps``).
     """
     b = cfg.batch_size
     sizes = [_checks.num_examples(d) for d in datasets]
@@ -568,17 +657,31 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
     def step_loss(p, batches):
         return _weighted([cfg.loss_fn(p, bt) for bt in batches], weights)
 
-    def step(carry, step_idx):
+    num_steps = (steps if len(datasets) > 1 else
+                 steps_per_epoch(sizes[0], b, cfg.drop_remainder, False))
+    every = max(1, num_steps // 100)  # at most ~100 host callbacks per epoch
+
+    def report(i, loss):
+        if cfg.progress_steps:  # i = the step's index in this epoch (0..num_steps-1)
+            i = i + 1
+            rel_epoch, bar = where
+            jax.lax.cond(jnp.logical_or(i % every == 0, i == num_steps),
+                         lambda: _callback(cfg, functools.partial(
+                             _report_step, steps=num_steps, num_epochs=cfg.num_epochs),
+                             bar, rel_epoch, i, loss), lambda: None)
+
+    def step(carry, xs):
+        step_idx, i = xs
         params, opt_state, state, grad_sum, loss_sum = carry
         batches = [jax.tree.map(lambda x: jnp.take(x, i, axis=0), d)
                    for d, i in zip(datasets, step_idx)]
-        if cfg.stateful:  # one dataset; the state moves once per step
-            (loss, new_state), grad = jax.value_and_grad(
-                lambda p: cfg.loss_fn(p, batches[0], state), has_aux=True)(params)
-            params, opt_state = _optimizer_step(
-                cfg, params, opt_state, grad, loss,
-                lambda p: cfg.loss_fn(p, batches[0], state)[0])
-            return (params, opt_state, new_state, tree_lib.add(grad_sum, grad),
+        if cfg.stateful:  # the state moves once per step and task (per chunk)
+            loss, grad, state, value_fn = _stateful_value_and_grad(cfg, params, batches,
+                                                                   weights, state)
+            params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss,
+                                                value_fn)
+            report(i, loss)
+            return (params, opt_state, state, tree_lib.add(grad_sum, grad),
                     loss_sum + loss), None
         if cfg.microbatch_size is None:
             loss, grad = jax.value_and_grad(step_loss)(params, batches)
@@ -589,20 +692,21 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
             grad = _weighted([r[1] for r in results], weights)
         params, opt_state = _optimizer_step(cfg, params, opt_state, grad, loss,
                                             lambda p: step_loss(p, batches))
+        report(i, loss)
         return (params, opt_state, state, tree_lib.add(grad_sum, grad),
                 loss_sum + loss), None
 
     first = [jax.tree.map(lambda x: x[:b], d) for d in datasets]
-    loss_dtype = (jax.eval_shape(cfg.loss_fn, params, first[0], state)[0] if cfg.stateful
-                  else jax.eval_shape(step_loss, params, first)).dtype
+    loss_dtype = (jax.eval_shape(lambda p, bs: _weighted(
+        [cfg.loss_fn(p, bt, state)[0] for bt in bs], weights), params, first)
+        if cfg.stateful else jax.eval_shape(step_loss, params, first)).dtype
     carry = (params, opt_state, state, tree_lib.zeros_like(params),
              jnp.zeros((), loss_dtype))
-    carry, _ = jax.lax.scan(step, carry, idx)
-    num_steps = steps
-    rest = sizes[0] - steps * b
-    if len(datasets) == 1 and rest and not cfg.drop_remainder:
-        carry, _ = step(carry, (perms[0][steps * b:],))
-        num_steps += 1
+    # the step index only feeds the step progress bar: off, the scan has no such input
+    carry, _ = jax.lax.scan(step, carry,
+                            (idx, jnp.arange(steps) if cfg.progress_steps else None))
+    if num_steps > steps:  # the leftover examples of a single dataset: one smaller step
+        carry, _ = step(carry, ((perms[0][steps * b:],), steps))
     params, opt_state, state, grad_sum, loss_sum = carry
     return params, opt_state, state, loss_sum / num_steps, grad_sum
 
@@ -610,58 +714,101 @@ def _minibatch_epoch(cfg: Config, params, opt_state, state, datasets, weights,
 # --------------------------------------------------------------------------- progress
 
 class _BarSlot:
-    """The bar the running program reports to. A plain object, not thread-local: XLA
-    runs host callbacks on its own threads."""
+    """The bars the running program reports to (one per task of the dispatch). A plain
+    object, not thread-local: XLA runs host callbacks on its own threads."""
 
-    bar = None
+    bars: list = []
 
 
-_BAR = _BarSlot()
+_BARS = _BarSlot()
 
 
 class progress_bar:  # noqa: N801 (a context manager used like a function)
-    """A tqdm bar over epochs that :func:`run`'s progress callback advances.
+    """tqdm bars (one per label) that :func:`run`'s progress callbacks advance.
 
-    ``with progress_bar(cfg, desc): ...`` around a dispatch; it waits for the program's
-    callbacks (``jax.effects_barrier``) before closing. With ``cfg.progress == 0`` it does
-    nothing, and the program holds no callback at all.
+    ``with progress_bar(cfg, labels): ...`` around a dispatch; ``labels`` is one label or
+    one per task of the dispatch (a vmapped group: the task with bar index ``i`` reports
+    to bar ``i``). The bars count epochs, or minibatch steps with ``cfg.progress_steps``.
+    On exit it waits for the program's callbacks (``jax.effects_barrier``) before closing
+    them. With ``cfg.progress == 0`` it does nothing, and the program holds no callback.
     """
 
-    def __init__(self, cfg: Config, desc: str):
-        self.cfg, self.desc = cfg, desc
+    def __init__(self, cfg: Config, labels: str | Sequence[str]):
+        self.cfg = cfg
+        self.labels = [labels] if isinstance(labels, str) else list(labels)
 
     def __enter__(self):
         if self.cfg.progress:
             from tqdm.auto import tqdm
-            _BAR.bar = tqdm(total=self.cfg.num_epochs, desc=self.desc, unit="epoch",
-                            leave=True, mininterval=0)
+            steps = self.cfg.progress_steps
+            _BARS.bars = [tqdm(total=None if steps else self.cfg.num_epochs, desc=label,
+                               unit="step" if steps else "epoch", leave=True,
+                               mininterval=0, position=i if len(self.labels) > 1 else None)
+                          for i, label in enumerate(self.labels)]
         return self
 
     def __exit__(self, *exc):
         if self.cfg.progress:
             jax.effects_barrier()
-            if _BAR.bar is not None:
-                _BAR.bar.close()
-            _BAR.bar = None
+            for bar in _BARS.bars:
+                bar.close()
+            _BARS.bars = []
         return False
 
 
-def _report_progress(rel_epoch, loss):
-    """Host side of the progress callback: moves the bar to ``rel_epoch``, shows the loss."""
-    bar = _BAR.bar
+def _callback(cfg: Config, fn, *args) -> None:
+    """``jax.debug.callback`` of a progress report. Ordered (the host sees the reports in
+    program order, per task) except inside ``shard_map``, where ordered effects are not
+    supported; the host side only moves a bar forward, so late reports are harmless."""
+    jax.debug.callback(fn, *args, ordered=cfg.ordered_callbacks)
+
+
+def _bar(index):
+    bars = _BARS.bars
+    i = int(np.asarray(index))
+    return bars[i] if 0 <= i < len(bars) else None  # no bar: a padding task
+
+
+def _show(loss) -> str:
+    loss = np.asarray(loss)
+    return f"{float(loss):.5g}" if loss.ndim == 0 else np.array2string(
+        loss.reshape(-1), precision=4, max_line_width=80)
+
+
+def _report_epoch(index, rel_epoch, loss):
+    """Host side of the epoch callback: moves bar ``index`` to ``rel_epoch``, shows the
+    loss."""
+    bar = _bar(index)
     if bar is None:
         return
-    loss = np.asarray(loss)
-    shown = f"{float(loss):.5g}" if loss.ndim == 0 else np.array2string(
-        loss.reshape(-1), precision=4, max_line_width=80)
-    bar.set_postfix_str(f"loss {shown}", refresh=False)
-    bar.update(max(0, int(np.max(np.asarray(rel_epoch))) - bar.n))
+    rel_epoch = int(np.max(np.asarray(rel_epoch)))
+    if rel_epoch <= bar.n:  # a late report, or another device's copy of this one
+        return
+    bar.set_postfix_str(f"loss {_show(loss)}", refresh=False)
+    bar.update(rel_epoch - bar.n)
+
+
+def _report_step(index, rel_epoch, step, loss, *, steps: int, num_epochs: int):
+    """Host side of the step callback: moves bar ``index`` to step ``step`` of epoch
+    ``rel_epoch`` (of ``steps`` per epoch), shows the epoch and the step's loss."""
+    bar = _bar(index)
+    if bar is None:
+        return
+    if bar.total is None:  # the steps per epoch are known inside the program
+        bar.total = steps * num_epochs
+    rel_epoch = int(np.max(np.asarray(rel_epoch)))
+    position = (rel_epoch - 1) * steps + int(np.max(np.asarray(step)))
+    if position <= bar.n:
+        return
+    bar.set_postfix_str(f"epoch {rel_epoch}/{num_epochs}, loss {_show(loss)}",
+                        refresh=False)
+    bar.update(position - bar.n)
 
 
 # --------------------------------------------------------------------------- programs
 
 def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Config,
-        model_state=None):
+        model_state=None, bar_index=0):
     """The whole run: an outer scan over epochs writing snapshots into a buffer.
 
     Args:
@@ -677,17 +824,28 @@ def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Con
       model_state: with ``cfg.stateful``, the non-trainable state (BatchNorm statistics)
         that ``loss_fn(params, batch, state) -> (loss, new_state)`` carries; it goes
         through the scan and is never differentiated.
+      bar_index: which of :class:`progress_bar`'s bars this run reports to (the task's
+        position in a vmapped group); unused without ``cfg.progress``.
 
     Returns:
       ``(buffer, losses, epoch_gradients, opt_state, finite, model_state)``; ``finite``
       is ``[E]`` bools (loss and parameters finite after each epoch), ``None`` unless
-      ``cfg.check_finite``; ``model_state`` is the state after the last epoch.
+      ``cfg.check_finite``; ``model_state`` is the state at every kept epoch (leading
+      axis ``num_slots``, like ``buffer``), ``None`` without a state.
     """
     cfg = dataclasses.replace(cfg, loss_fn=cfg.loss_fn.rebuild(consts[0]),
                               update=cfg.update.rebuild(consts[1]))
     epoch_fn = _full_batch_epoch if cfg.batch_size is None else _minibatch_epoch
-    buffer = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_slots,) + x.shape)
-                          .astype(x.dtype), params)
+    def slots_of(tree):
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_slots,) + jnp.shape(x))
+                            .astype(jnp.result_type(x)), tree)
+
+    def write(buffer, tree, slot):
+        return jax.tree.map(lambda b, x: jax.lax.dynamic_update_index_in_dim(
+            b, x, slot, 0), buffer, tree)
+
+    # the model state is kept at the same epochs as the parameters (slot 0: the start)
+    buffer = (slots_of(params), slots_of(model_state))
 
     def body(carry, xs):
         params, opt_state, state, buffer = carry
@@ -695,27 +853,27 @@ def run(params, opt_state, datasets, weights, key, start_epoch, consts, cfg: Con
         epoch = start_epoch + rel_epoch
         epoch_key = None if key is None else jax.random.fold_in(key, epoch)
         params, opt_state, state, loss, grad = epoch_fn(cfg, params, opt_state, state,
-                                                        datasets, weights, epoch_key)
-        if cfg.progress:
+                                                        datasets, weights, epoch_key,
+                                                        (rel_epoch, bar_index))
+        if cfg.progress and not cfg.progress_steps:
             report = jnp.logical_or(rel_epoch % cfg.progress == 0,
                                     rel_epoch == cfg.num_epochs)
-            jax.lax.cond(report, lambda: jax.debug.callback(
-                _report_progress, rel_epoch, loss), lambda: None)
+            jax.lax.cond(report, lambda: _callback(cfg, _report_epoch, bar_index,
+                                                   rel_epoch, loss), lambda: None)
         finite = None
         if cfg.check_finite:
             # one reduction per epoch; the host reads the [E] flags once, after the run
             finite = functools.reduce(
                 jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)],
                 jnp.all(jnp.isfinite(loss)))
-        buffer = jax.tree.map(lambda b, p: jax.lax.dynamic_update_index_in_dim(
-            b, p, slot, 0), buffer, params)
+        buffer = (write(buffer[0], params, slot), write(buffer[1], state, slot))
         ys = (loss, grad if cfg.record_gradients else None, finite)
         return (params, opt_state, state, buffer), ys
 
     xs = (jnp.arange(1, cfg.num_epochs + 1), jnp.asarray(cfg.slots, jnp.int32))
-    (_, opt_state, model_state, buffer), (losses, grads, finite) = jax.lax.scan(
+    (_, opt_state, _, buffer), (losses, grads, finite) = jax.lax.scan(
         body, (params, opt_state, model_state, buffer), xs)
-    return buffer, losses, grads, opt_state, finite, model_state
+    return buffer[0], losses, grads, opt_state, finite, buffer[1]
 
 
 run_jit = jax.jit(run, static_argnames=("cfg",))
@@ -724,10 +882,12 @@ run_jit = jax.jit(run, static_argnames=("cfg",))
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def run_many(params, opt_state, datasets, weights, keys, start_epoch, consts, cfg,
              model_state=None):
-    """:func:`run` vmapped over tasks that share data shapes (one compiled program)."""
-    return jax.vmap(lambda d, k: run(params, opt_state, d, weights, k, start_epoch, consts,
-                                     cfg, model_state),
-                    in_axes=(0, None if keys is None else 0))(datasets, keys)
+    """:func:`run` vmapped over tasks that share data shapes (one compiled program);
+    task ``i`` of the group reports to progress bar ``i``."""
+    indices = jnp.arange(jax.tree.leaves(datasets)[0].shape[0])
+    return jax.vmap(lambda d, k, i: run(params, opt_state, d, weights, k, start_epoch,
+                                        consts, cfg, model_state, i),
+                    in_axes=(0, None if keys is None else 0, 0))(datasets, keys, indices)
 
 
 def check_finite(finite, losses, start_epoch: int, names: Sequence[str]) -> None:

@@ -1,8 +1,9 @@
 """Checkpointed, resumable finetuning: :func:`resumable_finetune` (orbax).
 
-A run saves ``(params, opt_state)`` and its loss log every ``save_every`` epochs as one
-crash-safe :func:`taskvec_jax.checkpoint.save` version (docs/durability.md) and continues
-from the latest complete save when called again. Shuffles depend on the absolute epoch, so an interrupted and resumed
+A run saves ``(params, opt_state)`` (and the model state of a ``model_state=`` run) and
+its loss log every ``save_every`` epochs as one crash-safe
+:func:`taskvec_jax.checkpoint.save` version (docs/durability.md) and continues from the
+latest complete save when called again. Shuffles depend on the absolute epoch, so an interrupted and resumed
 run ends bit for bit where the uninterrupted one ends.
 
 A resumed run must be the same run. The JSON log beside the state holds a fingerprint
@@ -36,11 +37,13 @@ __all__ = ["RunState", "resumable_finetune", "run_fingerprint"]
 
 
 class RunState(NamedTuple):
-    """What a finetune needs to continue: parameters, optimizer state, epochs done."""
+    """What a finetune needs to continue: parameters, optimizer state, epochs done, and
+    the model state (BatchNorm statistics) of a run with ``model_state=`` (else ``None``)."""
 
     params: PyTree
     opt_state: Any
     epoch: int
+    model_state: Any = None
 
 
 def _key_data(key):
@@ -105,7 +108,8 @@ def _constants(obj: Any, depth: int = 0, seen: set | None = None) -> Any:
 
 def run_fingerprint(loss_fn: Callable, params: PyTree, data: PyTree,
                     optimizer: optax.GradientTransformation, *,
-                    batch_size: int | None = None, drop_remainder: bool = False) -> dict:
+                    batch_size: int | None = None, drop_remainder: bool = False,
+                    model_state: Any = None) -> dict:
     """What identifies a finetuning run, as JSON: ``{"data", "optimizer", "loss", "config"}``.
 
     * ``data``: every leaf's path, shape and dtype, and a SHA-256 of the contents (one
@@ -117,13 +121,17 @@ def run_fingerprint(loss_fn: Callable, params: PyTree, data: PyTree,
     * ``config``: ``batch_size`` and ``drop_remainder`` (``num_epochs`` may grow between
       calls, ``microbatch_size`` and ``save_every`` do not change the result; the PRNG
       key is checked on its own).
+
+    With ``model_state`` (a stateful ``loss_fn(params, batch, state)``), the jaxpr is
+    traced with the state's shapes, so a state of another structure changes ``loss``.
     """
     leaves = tree_lib.leaves_with_paths(data)
     shapes = [[path, list(np.shape(x)), str(jnp.result_type(x))] for path, x in leaves]
     opt_state = jax.eval_shape(optimizer.init, params)
     sample = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
                           data)
-    closed = jax.make_jaxpr(loss_fn)(params, sample)
+    closed = (jax.make_jaxpr(loss_fn)(params, sample) if model_state is None
+              else jax.make_jaxpr(loss_fn)(params, sample, model_state))
     jaxpr_hash = hashlib.sha256(str(closed.jaxpr).encode())
     jaxpr_hash.update(_sha256_arrays([c for c in closed.consts
                                       if hasattr(c, "shape")]).encode())
@@ -182,7 +190,8 @@ def resumable_finetune(
     batch_size: int | None = None,
     microbatch_size: int | None = None,
     drop_remainder: bool = False,
-    progress: bool | int = False,
+    progress: bool | int | str = False,
+    model_state: Any = None,
 ) -> tuple[RunState, np.ndarray]:
     """:func:`taskvec_jax.finetune` that checkpoints every ``save_every`` epochs and resumes.
 
@@ -199,9 +208,13 @@ def resumable_finetune(
       save_every: epochs between checkpoints.
       max_to_keep: how many saved epochs to keep (``None``: all).
       batch_size, microbatch_size, drop_remainder, progress: as in ``finetune``.
+      model_state: as in ``finetune`` (a stateful ``loss_fn(params, batch, state)``); the
+        state is saved with the parameters and a resume continues from the saved one,
+        so an interrupted run ends with the uninterrupted run's state too.
 
     Returns:
-      ``(RunState, losses)`` with the per-epoch losses of all epochs run so far.
+      ``(RunState, losses)`` with the per-epoch losses of all epochs run so far
+      (``RunState.model_state``: the state after the last epoch, ``None`` without one).
 
     Raises:
       ValueError: if the checkpoint is past ``num_epochs``, was made with another key, or
@@ -213,11 +226,18 @@ def resumable_finetune(
     _checks.positive_int(num_epochs, "num_epochs")
     directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     key_data = _key_data(key)
-    state = RunState(params, optimizer.init(params), 0)
+    state = RunState(params, optimizer.init(params), 0, model_state)
     # Through a JSON round trip, so that it compares equal to what is read back.
     fingerprint = json.loads(json.dumps(run_fingerprint(
         loss_fn, params, data, optimizer, batch_size=batch_size,
-        drop_remainder=drop_remainder)))
+        drop_remainder=drop_remainder, model_state=model_state)))
+
+    def saved_tree(state: RunState) -> dict:
+        tree = {"params": state.params, "opt_state": state.opt_state}
+        if model_state is not None:  # runs without one keep the earlier layout
+            tree["model_state"] = state.model_state
+        return tree
+
     losses: list[float] = []
     old_steps = sorted(n for n in (os.listdir(directory) if os.path.isdir(directory) else ())
                        if n.isdigit())
@@ -226,7 +246,7 @@ def resumable_finetune(
                          f"CheckpointManager steps {old_steps}); finish it with that version "
                          "or pass a new directory")
     if exists(directory):
-        like = {"params": state.params, "opt_state": state.opt_state}
+        like = saved_tree(state)
         try:
             restored, log = restore(directory, like=like, return_metadata=True)
         except ValueError as err:
@@ -260,7 +280,8 @@ def resumable_finetune(
             raise ValueError(f"{directory} holds another run's checkpoint: {changed}. "
                              "Resume with the same data, optimizer, loss and "
                              "configuration, or use a new directory")
-        state = RunState(restored["params"], restored["opt_state"], latest)
+        state = RunState(restored["params"], restored["opt_state"], latest,
+                         restored.get("model_state"))
         losses = list(log["losses"])
     while state.epoch < num_epochs:
         seg = min(save_every, num_epochs - state.epoch)
@@ -269,10 +290,11 @@ def resumable_finetune(
             opt_state=state.opt_state, start_epoch=state.epoch, keep_epochs=[seg],
             record_gradients=False, batch_size=batch_size,
             microbatch_size=microbatch_size, drop_remainder=drop_remainder,
-            progress=progress)
-        state = RunState(traj.final_params, traj.opt_state, state.epoch + seg)
+            progress=progress, model_state=state.model_state)
+        state = RunState(traj.final_params, traj.opt_state, state.epoch + seg,
+                         traj.final_model_state)
         losses.extend(np.asarray(traj.losses).tolist())
-        save(directory, {"params": state.params, "opt_state": state.opt_state},
+        save(directory, saved_tree(state),
              overwrite=True, max_to_keep=max_to_keep,
              metadata={"epoch": state.epoch, "losses": losses,
                        "key": None if key_data is None else key_data.tolist(),

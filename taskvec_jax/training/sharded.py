@@ -180,18 +180,21 @@ def _compiled(cfg: _engine.Config, mesh: Mesh, kind: str):
     data_spec = (P(TASKS, DATA), P(TASKS)) if full_batch else P(TASKS)
 
     if kind == "tasks":
-        def local(params, opt_state, data, keys, start, consts):
-            run = lambda d, k: _engine.run(params, opt_state, (d,), None, k, start,  # noqa: E731
-                                           consts, cfg)
-            return jax.vmap(run, in_axes=(0, None if keys is None else 0))(data, keys)
+        def local(params, opt_state, data, keys, indices, start, consts):
+            run = lambda d, k, i: _engine.run(params, opt_state, (d,), None, k,  # noqa: E731
+                                              start, consts, cfg, None, i)
+            return jax.vmap(run, in_axes=(0, None if keys is None else 0, 0))(
+                data, keys, indices)
 
         def program(params, opt_state, stacked, keys, start, consts):
             data = _split_rows(stacked, nd) if full_batch else stacked
+            # task i reports to progress bar i (unused without progress)
+            indices = jnp.arange(jax.tree.leaves(stacked)[0].shape[0])
             return jax.shard_map(
                 local, mesh=mesh, check_vma=False,
-                in_specs=(P(), P(), data_spec, None if keys is None else P(TASKS), P(),
-                          P()),
-                out_specs=P(TASKS))(params, opt_state, data, keys, start, consts)
+                in_specs=(P(), P(), data_spec, None if keys is None else P(TASKS),
+                          P(TASKS), P(), P()),
+                out_specs=P(TASKS))(params, opt_state, data, keys, indices, start, consts)
     else:
         def local(params, opt_state, data, weights, start, consts):
             return _engine.run(params, opt_state, (data,), weights, None, start, consts, cfg)
@@ -224,14 +227,17 @@ def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
                      microbatch_size: int | None = None, key: jax.Array | None = None,
                      drop_remainder: bool = False, keep_epochs: Sequence[int] | str | None = None,
                      record_gradients: bool = False, opt_state: Any = None,
-                     start_epoch: int = 0, progress: bool | int = False,
-                     check_finite: bool = True) -> _engine.Trajectory:
+                     start_epoch: int = 0, progress: bool | int | str = False,
+                     check_finite: bool = True, num_tasks: int | None = None
+                     ) -> _engine.Trajectory:
     """Independent finetunes of ``params`` on ``T`` stacked tasks, sharded over ``mesh``.
 
     ``stacked_data`` leaves are ``[T, N, ...]`` (host arrays, or global jax Arrays built by
     :func:`global_task_array` on several hosts); ``T`` must be a multiple of the ``tasks``
     axis (:func:`stack_tasks` pads). Task ``t`` shuffles with ``fold_in(key, t)``. The
-    keyword arguments are those of :func:`taskvec_jax.finetune`.
+    keyword arguments are those of :func:`taskvec_jax.finetune`; ``num_tasks`` (default
+    ``T``) is how many of the stacked tasks are real: the padding after them gets no
+    progress bar.
 
     Returns:
       One :class:`~taskvec_jax.Trajectory` whose leaves have a leading task axis ``T``.
@@ -242,14 +248,14 @@ def finetune_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
         microbatch_size=microbatch_size, drop_remainder=drop_remainder,
         keep_epochs=keep_epochs, record_gradients=record_gradients, progress=progress,
         key=key, sizes=[n], names=["task 0"], check_finite=check_finite,
-        data_axis=DATA if batch_size is None else None)
+        data_axis=DATA if batch_size is None else None, ordered_callbacks=False)
     _checks.loss_is_scalar(loss_fn, params, sample, min(n, cfg.batch_size or n), "task 0")
     keys = None if key is None else jnp.stack([jax.random.fold_in(key, i)
                                                for i in range(t)])
     if opt_state is None:
         opt_state = optimizer.init(params)
     start = jnp.asarray(start_epoch)
-    with _engine.progress_bar(cfg, f"{t} tasks"):
+    with _engine.progress_bar(cfg, [f"task {i}" for i in range(num_tasks or t)]):
         buffer, losses, grads, states, finite, _ = _engine.execute(
             lambda c, k: _compiled(c, mesh, "tasks")(params, opt_state, stacked_data, keys,
                                                      start, k), cfg, consts)
@@ -265,7 +271,7 @@ def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
                       microbatch_size: int | None = None, drop_remainder: bool = False,
                       keep_epochs: Sequence[int] | str | None = None,
                       record_gradients: bool = False, opt_state: Any = None,
-                      start_epoch: int = 0, progress: bool | int = False,
+                      start_epoch: int = 0, progress: bool | int | str = False,
                       check_finite: bool = True) -> _engine.Trajectory:
     """Full-batch GD on ``sum_t w_t L_t`` with tasks and examples sharded over ``mesh``.
 
@@ -281,7 +287,8 @@ def multitask_stacked(loss_fn, params: PyTree, stacked_data: PyTree,
         loss_fn, optimizer, num_epochs, batch_size=None, microbatch_size=microbatch_size,
         drop_remainder=drop_remainder, keep_epochs=keep_epochs,
         record_gradients=record_gradients, progress=progress, key=None, sizes=[n],
-        names=["task 0"], check_finite=check_finite, data_axis=DATA, multitask_axis=TASKS)
+        names=["task 0"], check_finite=check_finite, data_axis=DATA, multitask_axis=TASKS,
+        ordered_callbacks=False)
     _checks.loss_is_scalar(loss_fn, params, sample, n, "task 0")
     if opt_state is None:
         opt_state = optimizer.init(params)
@@ -315,7 +322,7 @@ def finetune_tasks_sharded(loss_fn, params, task_datasets, optimizer, num_epochs
     datasets = _checks.task_datasets(task_datasets)
     stacked, t = stack_tasks(datasets, check_mesh(mesh)[0])
     traj = finetune_stacked(loss_fn, params, stacked, optimizer, num_epochs, mesh,
-                            **options)
+                            num_tasks=t, **options)
     return unstack_trajectory(traj, t)
 
 
