@@ -56,8 +56,8 @@ def test_second_run_reuses_the_cached_base_model(quick_run):
     code = ("import sys; sys.argv=['x']; from experiments.configs.reproduce import get_config;"
             "from experiments.paper.setup import pretrain_base; import jax.numpy as jnp;"
             "from taskvec_jax import data;"
-            f"c=get_config('quick'); src={{s: data.load_task('embedded/source', s) for s in "
-            "('train','validation')};"
+            "c=get_config('quick'); source=data.SUITES[c.data.suite].source;"
+            "src={s: data.load_task(source, s) for s in ('train','validation')};"
             f"pretrain_base(c, src, {str(workdir)!r}, jnp.float32)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
