@@ -105,3 +105,25 @@ def test_the_adamerging_apply_fn_is_one_object_per_setup():
     other = SimpleNamespace(encode=lambda p, x: x, heads=None, config=s.config)
     assert merging_study._Context(other, [], None).apply_fn is not a
     assert merging_study._adam(1e-3) is merging_study._adam(1e-3)
+
+
+def test_regmean_ridge_makes_a_never_set_input_the_models_mean():
+    """A pixel no task ever sets: zero Gram row in every task, NaN without the ridge."""
+    from taskvec_jax import merging
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(20, 4)) for _ in range(2)]
+    for x in xs:
+        x[:, 3] = 0.0
+    models = [{"kernel": jnp.asarray(rng.normal(size=(4, 3)))} for _ in range(2)]
+    grams = [{"kernel": jnp.asarray(x.T @ x)} for x in xs]
+    plain = merging.regmean(models, grams, reduction=1.0)
+    assert not np.all(np.isfinite(np.asarray(plain["kernel"])))
+    ridged = merging_study._ridge(grams, 1e-6)
+    out = np.asarray(merging.regmean(models, ridged, reduction=1.0)["kernel"])
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[3], (models[0]["kernel"][3] + models[1]["kernel"][3]) / 2,
+                               rtol=1e-5)
+    # the other rows are RegMean's least-squares solution on the set features, to O(ridge)
+    g = sum(x[:, :3].T @ x[:, :3] for x in xs)
+    rhs = sum(x[:, :3].T @ x[:, :3] @ np.asarray(m["kernel"])[:3] for x, m in zip(xs, models))
+    np.testing.assert_allclose(out[:3], np.linalg.solve(g, rhs), rtol=1e-3, atol=1e-4)

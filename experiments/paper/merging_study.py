@@ -132,7 +132,27 @@ def _regmean(ctx):
     grams = [merging.regmean_grams(s.encode, p, tr["image"],
                                    microbatch_size=int(m.microbatch_size))
              for p, tr in zip(ctx.finetuned, s.train)]
-    return merging.regmean(ctx.finetuned, grams, reduction=float(m.regmean_reduction))
+    return merging.regmean(ctx.finetuned, _ridge(grams, float(m.regmean_ridge)),
+                           reduction=float(m.regmean_reduction))
+
+
+def _ridge(grams: list, scale: float) -> list:
+    """Every task's Gram plus ``scale * mean_t mean(diag G_t) * I`` (one ridge per layer,
+    the same for every task).
+
+    An input feature no task's data ever sets (a pixel outside every digit) has a zero
+    row in every Gram, which leaves RegMean's system singular and that weight row NaN;
+    with the ridge that row is the plain mean of the models' rows, and the other rows
+    move by O(scale).
+    """
+    leaves = [jax.tree.leaves(g) for g in grams]
+    eps = [scale * sum(jnp.mean(jnp.diagonal(ls[i])) for ls in leaves) / len(leaves)
+           for i in range(len(leaves[0]))]
+
+    def add(g):
+        it = iter(eps)
+        return jax.tree.map(lambda x: x + next(it) * jnp.eye(x.shape[0], dtype=x.dtype), g)
+    return [add(g) for g in grams]
 
 
 def _adamerging(granularity):
@@ -214,7 +234,8 @@ METHODS: dict[str, Method] = {
         "training examples per task", "Matena & Raffel, NeurIPS 2022"),
     "regmean": Method(
         "data", _regmean, lambda m: f"Dense-input Grams on each task's training split, "
-        f"reduction {m.regmean_reduction:g}", "Jin et al., ICLR 2023"),
+        f"reduction {m.regmean_reduction:g}, ridge {m.regmean_ridge:g} x mean diagonal",
+        "Jin et al., ICLR 2023"),
     "adamerging_task": Method("data", _adamerging("task"), _adamerging_settings("task"),
                               "Yang et al., ICLR 2024"),
     "adamerging_layer": Method("data", _adamerging("layer"), _adamerging_settings("layer"),
@@ -294,7 +315,8 @@ def merge_and_evaluate(setup, taus, finetuned_val, finetuned_test, key, methods=
             scaled = functools.partial(tvj.apply, setup.base, vector)
             search = merging.coefficient_search(scaled, alphas, score_fns, finetuned_val,
                                                 jit=False)
-            best = float(search.best_alpha)
+            # the grid's own number (the search holds it as float32)
+            best = float(setup.config.merging.alphas[int(search.best_index)])
             out[name] = _row(setup, scaled(best), finetuned_test, alpha=best,
                              val_mean_normalized=np.asarray(
                                  search.mean_normalized).tolist())

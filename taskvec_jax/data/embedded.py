@@ -35,6 +35,15 @@ task                       image transform                             label
 
 A full-batch epoch of a small MLP over a task's 2,000 training images takes milliseconds.
 
+The **quadrants suite** (``QUADRANTS_TASKS``, source ``embedded/source_quadrants``; the
+main job's default, docs/data.md): each task's task-pool digits are 2x2 mean-pooled to
+14x14, seen through the task's view and placed in one quadrant of a black 28x28 frame
+(two tasks per quadrant: ``q0_rotate180``, ``q0_parity``, ``q1_rotate90``,
+``q1_high_low``, ``q2_invert``, ``q2_mod3``, ``q3_permute``, ``q3_reversed``); the
+source digits are pooled the same way, example ``i`` of a split in quadrant ``i % 4``.
+Tasks in different quadrants read disjoint pixels, so their first-layer task vectors do
+not interfere: a suite where merging is worth measuring.
+
 Beside the registered tasks, :func:`permuted_digits_tasks` builds the small flat suite the
 Theorem 1/2 experiment measures on (``experiments/theorem.py``): disjoint blocks of the raw
 8x8 digits, each seen through its own fixed pixel permutation.
@@ -54,6 +63,7 @@ from taskvec_jax.data.registry import SplitPlan, TaskSpec, register_task, stable
 
 __all__ = [
     "DIGITS_SIZES", "EMBEDDED", "EMBEDDED_SOURCE", "EMBEDDED_TASKS", "PERMUTATION_SEED",
+    "QUADRANTS_SOURCE", "QUADRANTS_TASKS",
     "SOURCE_SIZE", "SOURCE_SIZES", "SPLIT_SEED", "TASK_SIZES", "digits8x8", "digits_path",
     "digits_raw", "mnist5k", "mnist5k_path", "permuted_digits_tasks", "split_indices",
     "task_arrays",
@@ -324,14 +334,12 @@ EMBEDDED: dict[str, _Task] = {
         "degrees clockwise, bottom right, label = 9 - digit"),
 }
 
-_QUADRANTS_SOURCE = "embedded/source_quadrants"
-
 # The tasks of the suite (without the pretraining source).
 EMBEDDED_TASKS = ("embedded/rotate90", "embedded/invert", "embedded/permute", "embedded/parity",
                   "embedded/high_low", "embedded/mod3", "embedded/reversed",
                   "embedded/digits8x8")
 QUADRANTS_TASKS = tuple(n for n in EMBEDDED if n.startswith("embedded/q"))
-QUADRANTS_SOURCE = _QUADRANTS_SOURCE
+QUADRANTS_SOURCE = "embedded/source_quadrants"
 EMBEDDED_SOURCE = "embedded/source"
 
 
