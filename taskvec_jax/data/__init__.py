@@ -183,8 +183,9 @@ def load_suite(suite: str | Sequence[str] | Suite = "embedded",
 
 
 __all__ = [
-    "ArrayRecords", "Batch", "DataNotFoundError", "EMBEDDED_SOURCE", "EMBEDDED_TASKS", "QUADRANTS_SOURCE", "QUADRANTS_TASKS",
-    "NORMALIZATIONS", "Preprocess", "SPLITS", "SUITES", "SplitPlan", "Suite", "TaskSpec",
+    "ArrayRecords", "Batch", "DataNotFoundError", "EMBEDDED_SOURCE", "EMBEDDED_TASKS",
+    "NORMALIZATIONS", "Preprocess", "QUADRANTS_SOURCE", "QUADRANTS_TASKS", "SPLITS", "SUITES",
+    "SplitPlan", "Suite", "TaskSpec",
     "TaskSplit", "VISION8", "batches", "carve", "default_data_dir", "default_num_threads",
     "embedded", "epoch_order", "find_prepared", "get_suite", "get_task", "import_folder",
     "is_registered", "load_suite", "load_task", "open_split", "permuted_digits_tasks",
