@@ -42,6 +42,26 @@ def test_report_tables_are_filled_with_finite_numbers(quick_run):
     # every figure the report shows exists
     for fig in re.findall(r"\(figures/([^)]+\.png)\)", report):
         assert (workdir / "figures" / fig).stat().st_size > 1000, fig
+    # every merge of the study's one list has a finite row at every epoch, in the table
+    from experiments.paper.merging_study import METHODS
+    mm = results["merging"]["minibatch"]
+    assert set(results["merging"]["methods"]) == set(METHODS)
+    for e in mm["epochs"]:
+        rows = mm["per_epoch"][str(e)]
+        assert list(rows) == list(METHODS), e
+        for name, row in rows.items():
+            assert len(row["test_accuracy"]) == len(results["setup"]["tasks"]), name
+            for value in row["test_accuracy"] + [row["avg_accuracy"], row["avg_normalized"]]:
+                assert math.isfinite(value) and 0 <= value <= 1.5, (e, name, value)
+            assert row["avg_normalized"] == pytest.approx(
+                np.mean(np.asarray(row["test_accuracy"]) / np.asarray(mm["finetuned_test"])))
+            assert (row["alpha"] is None) == (METHODS[name].kind != "alpha"), name
+            if row["alpha"] is not None:
+                assert row["alpha"] in results["config"]["merging"]["alphas"], name
+    section = report.split("## Merging after k epochs")[1].split("\n## ")[0]
+    for name in METHODS:
+        assert f"| {name} | **" in section, name
+    assert "Merging is worth measuring" in report
     # Theorem 1 at k = 1 holds to float64 rounding on the real model
     assert results["theorem"]["rows"][0]["max_gap"] < 1e-10
     assert len(results["findings"]) >= 4
@@ -56,8 +76,8 @@ def test_second_run_reuses_the_cached_base_model(quick_run):
     code = ("import sys; sys.argv=['x']; from experiments.configs.reproduce import get_config;"
             "from experiments.paper.setup import pretrain_base; import jax.numpy as jnp;"
             "from taskvec_jax import data;"
-            f"c=get_config('quick'); src={{s: data.load_task('embedded/source', s) for s in "
-            "('train','validation')};"
+            "c=get_config('quick'); source=data.SUITES[c.data.suite].source;"
+            "src={s: data.load_task(source, s) for s in ('train','validation')};"
             f"pretrain_base(c, src, {str(workdir)!r}, jnp.float32)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-__all__ = ["render", "rewrite"]
+__all__ = ["merging_lines", "render", "rewrite"]
 
 HEADING = "## What the reproduction finds"
 
@@ -38,10 +38,35 @@ def render(results: dict, results_path: str = "results/default/results.json") ->
              "| claim | measured here | verdict |", "| --- | --- | --- |"]
     for row in results["findings"]:
         lines.append(f"| {row['claim']} | {row['verdict']} | {_verdict(row['ok'])} |")
+    lines += merging_lines(results)
     lines += ["", "The bound of the paper's summary is checked by `python -m "
               "experiments.theorem` (see `docs/theory.md`). `results/default/report.md` has "
               "the tables, figures and one paragraph per finding.", ""]
     return "\n".join(lines)
+
+
+def merging_lines(results: dict, mode: str = "minibatch") -> list[str]:
+    """The merging study at convergence, best first: normalized accuracy (the headline)
+    and absolute accuracy of every method, beside the base and the finetuned models."""
+    m = results.get("merging", {})
+    if mode not in m:
+        return []
+    mm = m[mode]
+    last = mm["per_epoch"][str(mm["epochs"][-1])]
+    base = sum(m["base_test"]) / len(m["base_test"])
+    ft = mm["finetuned_test"]
+    base_norm = sum(b / f for b, f in zip(m["base_test"], ft)) / len(ft)
+    lines = ["", f"Merging the {mode} task vectors at convergence (epoch "
+             f"{mm['converged_epoch']}), test accuracy averaged over tasks; normalized = "
+             "merged / individually finetuned, per task:", "",
+             "| method | normalized | accuracy | alpha |", "| --- | --- | --- | --- |",
+             f"| finetuned (one model per task) | 1.000 | {sum(ft) / len(ft):.3f} | |",
+             f"| base | {base_norm:.3f} | {base:.3f} | |"]
+    for n in sorted(last, key=lambda n: -last[n]["avg_normalized"]):
+        a = last[n].get("alpha")
+        lines.append(f"| {n} | {last[n]['avg_normalized']:.3f} | "
+                     f"{last[n]['avg_accuracy']:.3f} | {'' if a is None else f'{a:g}'} |")
+    return lines
 
 
 def rewrite(readme: str, section: str) -> str:

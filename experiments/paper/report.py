@@ -50,32 +50,8 @@ def write(results: dict, workdir: str) -> str:
     if "regime" in r:
         lines += regime_section(r["regime"])
 
+    lines += merging_section(r)
     m = r["merging"]
-    lines += ["## Merging after k epochs vs at convergence", "",
-              "Alpha chosen on the validation splits (grid "
-              f"{r['config']['merging']['alphas']}); test accuracy averaged over tasks, "
-              "absolute / normalized by the individually finetuned (converged) model.", ""]
-    for mode in r["config"]["merging"]["trajectories"]:
-        mm = m[mode]
-        methods = list(mm["per_epoch"][str(mm["epochs"][0])])
-        lines += [f"**{mode}** (convergence = epoch {mm['converged_epoch']})", "",
-                  "| epoch | " + " | ".join(methods) + " |",
-                  "|---|" + "---|" * len(methods)]
-        for e in mm["epochs"]:
-            cells = [f"{_f(mm['per_epoch'][str(e)][n]['avg_accuracy'])} / "
-                     f"{_f(mm['per_epoch'][str(e)][n]['avg_normalized'])} "
-                     f"(a={mm['per_epoch'][str(e)][n]['alpha']:g})" for n in methods]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
-        lines += ["", f"Per task, task arithmetic after 1 epoch vs at convergence ({mode}):",
-                  "", "| task | 1 epoch | converged | finetuned |", "|---|---|---|---|"]
-        first, last = mm["per_epoch"][str(mm["epochs"][0])], mm["per_epoch"][
-            str(mm["epochs"][-1])]
-        key = "task_arithmetic" if "task_arithmetic" in first else methods[0]
-        for i, n in enumerate(names):
-            lines.append(f"| {n} | {_f(first[key]['test_accuracy'][i])} | "
-                         f"{_f(last[key]['test_accuracy'][i])} | "
-                         f"{_f(mm['finetuned_test'][i])} |")
-        lines += ["", f"![merging {mode}](figures/merging_{mode}.png)", ""]
     mt = r["multitask"]
     lines += ["References (average test accuracy): base " +
               f"{_f(np.mean(m['base_test']))}, multitask GD full batch "
@@ -107,6 +83,81 @@ def write(results: dict, workdir: str) -> str:
     with open(path, "w") as fh:
         fh.write(text)
     return path
+
+
+def _merge_cell(row: dict) -> str:
+    alpha = "" if row.get("alpha") is None else f" (a={row['alpha']:g})"
+    return f"**{_f(row['avg_normalized'])}** / {_f(row['avg_accuracy'])}{alpha}"
+
+
+def merging_headline(r: dict, mode: str = "minibatch") -> dict:
+    """Base, finetuned and task arithmetic at convergence (``mode``), averaged over tasks:
+    absolute and normalized accuracy, and the share of the finetuning gain task
+    arithmetic keeps, ``(TA - base) / (finetuned - base)``."""
+    mm = r["merging"][mode]
+    last = mm["per_epoch"][str(mm["epochs"][-1])]
+    base, ft = np.asarray(r["merging"]["base_test"]), np.asarray(mm["finetuned_test"])
+    ta = last["task_arithmetic"]
+    gain = float(ft.mean() - base.mean())
+    best = max(last, key=lambda n: last[n]["avg_normalized"])
+    return {"mode": mode, "base": float(base.mean()),
+            "base_normalized": float(np.mean(base / ft)), "finetuned": float(ft.mean()),
+            "task_arithmetic": ta["avg_accuracy"],
+            "task_arithmetic_normalized": ta["avg_normalized"], "alpha": ta["alpha"],
+            "recovered": (ta["avg_accuracy"] - float(base.mean())) / gain if gain > 0
+            else float("nan"),
+            "best": best, "best_normalized": last[best]["avg_normalized"],
+            "best_accuracy": last[best]["avg_accuracy"]}
+
+
+def merging_section(r: dict) -> list[str]:
+    """One table per trajectory kind: a row per method, a column per epoch."""
+    m, cfg = r["merging"], r["config"]["merging"]
+    lines = ["## Merging after k epochs vs at convergence", "",
+             "Every merge of `experiments/paper/merging_study.py`'s `METHODS` on the same "
+             "task vectors. Each cell: **normalized accuracy** (merged test accuracy / the "
+             "individually finetuned, converged model's, per task, averaged; the headline) "
+             "/ absolute test accuracy averaged over tasks, and the alpha chosen on the "
+             f"validation splits from the grid {cfg['alphas']} (the same grid for every "
+             "method with a coefficient). Data-aware merges use their papers' procedures: "
+             "Fisher and RegMean statistics on each task's training split, AdaMerging's "
+             "coefficients learned by entropy minimization on the unlabeled test inputs "
+             "(its test-time setting). Model Stock is made for several finetunes of one "
+             "task; with one finetune per task it is applied across the tasks' vectors, "
+             "so its ratio comes from the angles between different tasks (near-orthogonal "
+             "task vectors give a ratio near 0, i.e. close to the base).", ""]
+    for mode in cfg["trajectories"]:
+        mm = m[mode]
+        epochs = [str(e) for e in mm["epochs"]]
+        methods = list(mm["per_epoch"][epochs[0]])
+        ft = np.asarray(mm["finetuned_test"])
+        base = np.asarray(m["base_test"])
+        lines += [f"**{mode}** (convergence = epoch {mm['converged_epoch']}; finetuned "
+                  f"{_f(float(ft.mean()))}, base **{_f(float(np.mean(base / ft)))}** / "
+                  f"{_f(float(base.mean()))})", "",
+                  "| method | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+                  "|---|" + "---|" * len(epochs)]
+        for n in methods:
+            lines.append(f"| {n} | " + " | ".join(_merge_cell(mm["per_epoch"][e][n])
+                                                   for e in epochs) + " |")
+        first, last = mm["per_epoch"][epochs[0]], mm["per_epoch"][epochs[-1]]
+        key = "task_arithmetic" if "task_arithmetic" in first else methods[0]
+        names = [n.split("/")[-1] for n in r["setup"]["tasks"]]
+        lines += ["", f"Per task, {key} after 1 epoch vs at convergence ({mode}):",
+                  "", "| task | base | 1 epoch | converged | finetuned |",
+                  "|---|---|---|---|---|"]
+        for i, n in enumerate(names):
+            lines.append(f"| {n} | {_f(base[i])} | {_f(first[key]['test_accuracy'][i])} | "
+                         f"{_f(last[key]['test_accuracy'][i])} | {_f(ft[i])} |")
+        lines += ["", f"![merging {mode}](figures/merging_{mode}.png)", ""]
+    settings = m.get("methods", {})
+    if settings:
+        lines += ["Settings of every method:", "", "| method | kind | settings | source |",
+                  "|---|---|---|---|"]
+        for n, d in settings.items():
+            lines.append(f"| {n} | {d['kind']} | {d['settings']} | {d['reference']} |")
+        lines.append("")
+    return lines
 
 
 def _dominance_table(res: dict, prefixes) -> list[str]:
@@ -250,6 +301,21 @@ def findings(r: dict) -> list[dict]:
                                 f". Normalized-accuracy differences (1 epoch - converged): "
                                 + ", ".join(f"{g:+.3f}" for g in gaps) + "."),
                     "ok": close})
+    if "minibatch" in r["merging"]:
+        h = merging_headline(r)
+        worth = h["recovered"] >= 0.4 and h["finetuned"] - h["base"] >= 0.05
+        out.append({"claim": "Merging is worth measuring on this suite (minibatch, at "
+                             "convergence).",
+                    "verdict": (("Yes" if worth else "Not clearly") +
+                                f": base {h['base']:.3f}, finetuned {h['finetuned']:.3f}, "
+                                f"task arithmetic {h['task_arithmetic']:.3f} (alpha "
+                                f"{h['alpha']:g}): normalized accuracy "
+                                f"{h['task_arithmetic_normalized']:.3f} (base "
+                                f"{h['base_normalized']:.3f}), {100 * h['recovered']:.0f}% "
+                                "of the finetuning gain kept. Best merge: "
+                                f"{h['best']} {h['best_normalized']:.3f} normalized "
+                                f"({h['best_accuracy']:.3f})."),
+                    "ok": worth})
     a = r["atm"]
     gain = a["gain_at_final_round"]
     out.append({"claim": "Iterative task arithmetic (ATM) beats task arithmetic at the same "

@@ -27,7 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from taskvec_jax.data import embedded
-from taskvec_jax.data.embedded import EMBEDDED_SOURCE, EMBEDDED_TASKS, permuted_digits_tasks
+from taskvec_jax.data.embedded import (EMBEDDED_SOURCE, EMBEDDED_TASKS, QUADRANTS_SOURCE,
+                                       QUADRANTS_TASKS, permuted_digits_tasks)
 from taskvec_jax.data.folder import import_folder
 from taskvec_jax.data.pipeline import (
     ArrayRecords,
@@ -80,6 +81,7 @@ class Suite:
 
 SUITES: dict[str, Suite] = {
     "embedded": Suite("embedded", EMBEDDED_TASKS, EMBEDDED_SOURCE),
+    "embedded_quadrants": Suite("embedded_quadrants", QUADRANTS_TASKS, QUADRANTS_SOURCE),
     "vision8": Suite("vision8", VISION8),
 }
 
@@ -182,7 +184,8 @@ def load_suite(suite: str | Sequence[str] | Suite = "embedded",
 
 __all__ = [
     "ArrayRecords", "Batch", "DataNotFoundError", "EMBEDDED_SOURCE", "EMBEDDED_TASKS",
-    "NORMALIZATIONS", "Preprocess", "SPLITS", "SUITES", "SplitPlan", "Suite", "TaskSpec",
+    "NORMALIZATIONS", "Preprocess", "QUADRANTS_SOURCE", "QUADRANTS_TASKS", "SPLITS", "SUITES",
+    "SplitPlan", "Suite", "TaskSpec",
     "TaskSplit", "VISION8", "batches", "carve", "default_data_dir", "default_num_threads",
     "embedded", "epoch_order", "find_prepared", "get_suite", "get_task", "import_folder",
     "is_registered", "load_suite", "load_task", "open_split", "permuted_digits_tasks",

@@ -35,6 +35,15 @@ task                       image transform                             label
 
 A full-batch epoch of a small MLP over a task's 2,000 training images takes milliseconds.
 
+The **quadrants suite** (``QUADRANTS_TASKS``, source ``embedded/source_quadrants``; the
+main job's default, docs/data.md): each task's task-pool digits are 2x2 mean-pooled to
+14x14, seen through the task's view and placed in one quadrant of a black 28x28 frame
+(two tasks per quadrant: ``q0_rotate180``, ``q0_parity``, ``q1_rotate90``,
+``q1_high_low``, ``q2_invert``, ``q2_mod3``, ``q3_permute``, ``q3_reversed``); the
+source digits are pooled the same way, example ``i`` of a split in quadrant ``i % 4``.
+Tasks in different quadrants read disjoint pixels, so their first-layer task vectors do
+not interfere: a suite where merging is worth measuring.
+
 Beside the registered tasks, :func:`permuted_digits_tasks` builds the small flat suite the
 Theorem 1/2 experiment measures on (``experiments/theorem.py``): disjoint blocks of the raw
 8x8 digits, each seen through its own fixed pixel permutation.
@@ -54,6 +63,7 @@ from taskvec_jax.data.registry import SplitPlan, TaskSpec, register_task, stable
 
 __all__ = [
     "DIGITS_SIZES", "EMBEDDED", "EMBEDDED_SOURCE", "EMBEDDED_TASKS", "PERMUTATION_SEED",
+    "QUADRANTS_SOURCE", "QUADRANTS_TASKS",
     "SOURCE_SIZE", "SOURCE_SIZES", "SPLIT_SEED", "TASK_SIZES", "digits8x8", "digits_path",
     "digits_raw", "mnist5k", "mnist5k_path", "permuted_digits_tasks", "split_indices",
     "task_arrays",
@@ -231,6 +241,38 @@ def _permute(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1)[:, perm].reshape(x.shape)
 
 
+def _pool14(x: np.ndarray) -> np.ndarray:
+    s = x.astype(np.int32)
+    return ((s[:, 0::2, 0::2] + s[:, 1::2, 0::2] + s[:, 0::2, 1::2] + s[:, 1::2, 1::2] + 2)
+            // 4).astype(np.uint8)
+
+
+def _in_quadrant(quadrant: int, view: Callable) -> Callable:
+    """``x -> 28x28 zeros with view(x 2x2 mean-pooled to 14x14) in quadrant q``
+    (0: top left, 1: top right, 2: bottom left, 3: bottom right)."""
+    def transform(x: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(x)
+        r, c = 14 * (quadrant // 2), 14 * (quadrant % 2)
+        out[:, r:r + 14, c:c + 14] = view(_pool14(x))
+        return out
+    return transform
+
+
+def _permute14(x: np.ndarray) -> np.ndarray:
+    perm = stable_permutation(14 * 14, PERMUTATION_SEED)
+    return x.reshape(x.shape[0], -1)[:, perm].reshape(x.shape)
+
+
+def _source_quadrants(x: np.ndarray) -> np.ndarray:
+    # example i of a split in quadrant i % 4, untransformed
+    out = np.empty_like(x)
+    index = np.arange(x.shape[0]) % 4
+    for q in range(4):
+        if (index == q).any():
+            out[index == q] = _in_quadrant(q, lambda v: v)(x[index == q])
+    return out
+
+
 class _Task:
     def __init__(self, pool: str, transform: Callable, relabel: Callable,
                  class_names: tuple[str, ...], description: str):
@@ -264,10 +306,40 @@ EMBEDDED: dict[str, _Task] = {
                                "MNIST zoomed out to 14x14, label = 9 - digit"),
     "embedded/digits8x8": _Task("digits", _identity, _identity, _DIGITS,
                                 "scikit-learn's 8x8 digits upsampled to MNIST's framing"),
+    # the quadrants suite: each task's digits, pooled to 14x14 and seen through its view,
+    # fill one quadrant of the 28x28 frame (two tasks per quadrant)
+    "embedded/source_quadrants": _Task("source", _source_quadrants, _identity, _DIGITS,
+                                       "source digits pooled to 14x14, example i in "
+                                       "quadrant i % 4"),
+    "embedded/q0_rotate180": _Task("tasks", _in_quadrant(0, lambda v: v[:, ::-1, ::-1]),
+                                   _identity, _DIGITS, "14x14 digits turned 180 degrees, "
+                                   "top left"),
+    "embedded/q0_parity": _Task("tasks", _in_quadrant(0, lambda v: v[:, :, ::-1]),
+                                lambda y: y % 2, ("even", "odd"),
+                                "mirrored 14x14 digits, top left, label = digit parity"),
+    "embedded/q1_rotate90": _Task("tasks", _in_quadrant(1, lambda v: np.rot90(
+        v, 1, axes=(1, 2))), _identity, _DIGITS, "rotated 14x14 digits, top right"),
+    "embedded/q1_high_low": _Task("tasks", _in_quadrant(1, lambda v: v[:, ::-1, :]),
+                                  lambda y: (y >= 5).astype(np.int64), ("0-4", "5-9"),
+                                  "upside-down 14x14 digits, top right, label = digit >= 5"),
+    "embedded/q2_invert": _Task("tasks", _in_quadrant(2, lambda v: 255 - v), _identity,
+                                _DIGITS, "inverted 14x14 digits, bottom left"),
+    "embedded/q2_mod3": _Task("tasks", _in_quadrant(2, lambda v: np.transpose(v, (0, 2, 1))),
+                              lambda y: y % 3, ("0 mod 3", "1 mod 3", "2 mod 3"),
+                              "transposed 14x14 digits, bottom left, label = digit mod 3"),
+    "embedded/q3_permute": _Task("tasks", _in_quadrant(3, _permute14), _identity, _DIGITS,
+                                 "pixel-permuted 14x14 digits, bottom right"),
+    "embedded/q3_reversed": _Task("tasks", _in_quadrant(3, lambda v: np.rot90(
+        v, 3, axes=(1, 2))), lambda y: 9 - y, _DIGITS[::-1], "14x14 digits rotated 90 "
+        "degrees clockwise, bottom right, label = 9 - digit"),
 }
 
 # The tasks of the suite (without the pretraining source).
-EMBEDDED_TASKS = tuple(n for n in EMBEDDED if n != "embedded/source")
+EMBEDDED_TASKS = ("embedded/rotate90", "embedded/invert", "embedded/permute", "embedded/parity",
+                  "embedded/high_low", "embedded/mod3", "embedded/reversed",
+                  "embedded/digits8x8")
+QUADRANTS_TASKS = tuple(n for n in EMBEDDED if n.startswith("embedded/q"))
+QUADRANTS_SOURCE = "embedded/source_quadrants"
 EMBEDDED_SOURCE = "embedded/source"
 
 
