@@ -52,8 +52,8 @@ from jax import lax
 
 from taskvec_jax.merging import _common
 
-__all__ = ["SCOPES", "band", "band_masks", "check_scope", "keep_masked", "kth_largest",
-           "magnitude_bits", "real_dtype", "selected"]
+__all__ = ["SCOPES", "band_masks", "band_masks_at", "band_thresholds", "check_scope",
+           "keep_masked", "kth_largest", "magnitude_bits", "real_dtype", "selected"]
 
 SCOPES = ("global", "leaf", "row")
 
@@ -78,18 +78,82 @@ def magnitude_bits(x: jax.Array, dtype) -> jax.Array:
     return lax.bitcast_convert_type(mag, UINT[jnp.dtype(dtype).itemsize])
 
 
+def _digit_widths(nbits: int, groups: int, group_size: int) -> list[int]:
+    """Digit widths, most significant first, for a radix select over ``nbits``-bit keys.
+
+    Each pass histograms one digit into ``groups * 2**w`` bins; ``w`` is the largest
+    width <= 16 whose histogram is no larger than the data (at least ``2**12`` bins), so
+    the histograms never cost a model-sized buffer: 2 passes for float32 under the global
+    scope, 3-4 for rows of 768-3072 entries.
+    """
+    budget = max(groups * group_size, 2 ** 12)
+    w = 16
+    while w > 4 and groups * 2 ** w > budget:
+        w -= 1
+    passes = -(-nbits // w)
+    first = nbits - w * (passes - 1)
+    return [first] + [w] * (passes - 1)
+
+
+def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
+    """The ``k``-th largest ``key`` per group, by one histogram pass per digit.
+
+    ``keys(v, j)`` gives view ``j``'s unsigned keys (``[g, m]``), ``valid(v, j)`` which
+    entries count (``None``: all). Pass ``p`` histograms digit ``p`` of the entries whose
+    higher digits equal the prefix found so far and picks the digit holding the
+    ``k``-th largest; entries that do not match go to one extra bin that is never read.
+
+    Returns ``(t, need, num_eq)``, each shaped ``shape``: the key of the ``k``-th largest
+    entry, how many entries equal to ``t`` the first ``k`` contain, and how many equal it.
+    """
+    g = shape[0]
+    rows = lax.broadcasted_iota(jnp.int32, (g, 1), 0)
+    prefix = jnp.zeros(shape, udtype)
+    remaining = jnp.broadcast_to(jnp.asarray(k, jnp.int32), shape)   # groups < 2**31
+    shift = nbits
+    hist = None
+    for p, w in enumerate(widths):
+        shift -= w
+        bins = 2 ** w
+        total = None
+        for j, v in enumerate(views):
+            key = keys(v, j)
+            digit = (jnp.right_shift(key, udtype(shift)) & udtype(bins - 1)).astype(jnp.int32)
+            ok = None if valid is None else valid(v, j)
+            if p:
+                match = jnp.right_shift(key, udtype(shift + w)) == prefix
+                ok = match if ok is None else ok & match
+            if ok is not None:
+                digit = jnp.where(ok, digit, bins)
+            idx = digit + rows * (bins + 1) if g > 1 else digit
+            h = jnp.bincount(idx.reshape(-1), length=g * (bins + 1))
+            total = h if total is None else total + h
+        hist = total.reshape(g, bins + 1)[:, :bins].astype(remaining.dtype)
+        # suffix[b] = #{digit >= b}: non-increasing, so the chosen digit is the number of
+        # b >= 1 with suffix[b] >= remaining.
+        suffix = jnp.flip(jnp.cumsum(jnp.flip(hist, 1), axis=1), 1)
+        d = jnp.sum(suffix[:, 1:] >= remaining, axis=1, keepdims=True, dtype=jnp.int32)
+        at = jnp.take_along_axis(hist, d, axis=1)
+        above = jnp.take_along_axis(suffix, d, axis=1) - at
+        remaining = remaining - above
+        prefix = jnp.left_shift(prefix, udtype(w)) | d.astype(udtype)
+        num_eq = at
+    return prefix.reshape(shape), remaining.reshape(shape), num_eq.reshape(shape)
+
+
 def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool):
     """Finds the ``k`` largest magnitudes per group (ties: earlier position first).
 
     The selection is described by ``(t, cut)``: an entry with magnitude bits ``u`` at
     position ``pos`` (within its row, or within the whole model for the global scope) is
     selected iff ``u > t or (u == t and pos < cut)``. ``t`` is the bit pattern of the
-    ``k``-th largest magnitude, found by bisection over its bits (non-negative floats order
-    like their unsigned bits): the greedy MSB-first search for the largest ``t`` with
-    ``#{u >= t} >= k``. ``cut`` keeps the first ``need = k - #{u > t}`` entries equal to
-    ``t``; it is ``n`` unless more than ``need`` entries tie at ``t``, in which case a
-    second bisection, over positions, finds it. Every pass is a compare-and-count: no
-    sort, no cumulative sum.
+    ``k``-th largest magnitude (non-negative floats order like their unsigned bits),
+    found by a radix select: one histogram pass per digit of the bits, most significant
+    first (:func:`_digit_widths`), each keeping only the entries whose higher digits
+    match. ``cut`` keeps the first ``need = k - #{u > t}`` entries equal to ``t``; it is
+    ``n`` unless more than ``need`` entries tie at ``t``, in which case a second radix
+    select, over the positions of the tied entries, finds the ``need``-th of them. No
+    sort; exact and deterministic (integer histograms).
 
     Args:
       views: ``[g, m]`` arrays. With ``per_row`` there is one view and each of its ``g``
@@ -116,39 +180,25 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool):
     if k >= n:    # everything
         return jnp.zeros(shape, udtype), jnp.full(shape, n, cdtype), offsets
 
-    def count(pred):
-        # Bits and positions are recomputed inside every pass rather than stored, so
-        # that where XLA fuses a reduction with its input no model-sized copy exists.
-        total = None
-        for v, offset in zip(views, offsets):
-            u = magnitude_bits(v, dtype)
-            pos = lax.broadcasted_iota(cdtype, v.shape, 1) + offset
-            c = (jnp.sum(pred(u, pos), axis=-1, keepdims=True, dtype=cdtype) if per_row
-                 else jnp.sum(pred(u, pos), dtype=cdtype))
-            total = c if total is None else total + c
-        return jnp.reshape(total, shape)
-
     nbits = 8 * jnp.dtype(udtype).itemsize - 1          # the sign bit of |x| is 0
+    g = shape[0]
+    # Bits (and positions) are recomputed inside every pass rather than stored, so that
+    # where XLA fuses a histogram with its input no model-sized copy exists.
+    t, need, num_eq = _radix_kth(views, lambda v, j: magnitude_bits(v, dtype), None, k,
+                                 nbits, udtype, shape, _digit_widths(nbits, g, n))
+    pbits = max(1, (n - 1).bit_length())
+    pdtype = jnp.uint32 if pbits <= 32 else jnp.uint64
 
-    def bisect_value(i, t):
-        cand = t | jnp.left_shift(jnp.ones((), udtype), (nbits - 1 - i).astype(udtype))
-        return jnp.where(count(lambda u, _: u >= cand) >= k, cand, t)
+    def position_cut():
+        # The need-th earliest tied entry is the need-th largest of n - 1 - pos among
+        # them; cut is one past its position.
+        def pkeys(v, j):
+            return (n - 1 - lax.broadcasted_iota(cdtype, v.shape, 1) - offsets[j]).astype(pdtype)
+        r, _, _ = _radix_kth(views, pkeys, lambda v, j: magnitude_bits(v, dtype) == t,
+                             need, pbits, pdtype, shape, _digit_widths(pbits, g, n))
+        return (n - r.astype(cdtype)).astype(cdtype)
 
-    t = lax.fori_loop(0, nbits, bisect_value, jnp.zeros(shape, udtype))
-    need = k - count(lambda u, _: u > t)                 # >= 1 entries equal to t to keep
-    num_eq = count(lambda u, _: u == t)
-    pbits = int(n).bit_length()
-
-    def bisect_position(i, cut):
-        # Largest cut <= n with #{u == t, pos < cut} <= need; then that count == need.
-        cand = cut | jnp.left_shift(jnp.ones((), cdtype), (pbits - 1 - i).astype(cdtype))
-        ok = (cand <= n) & (count(lambda u, pos: (u == t) & (pos < cand)) <= need)
-        return jnp.where(ok, cand, cut)
-
-    cut = lax.cond(jnp.all(num_eq == need),
-                   lambda: jnp.full(shape, n, cdtype),
-                   lambda: lax.fori_loop(0, pbits, bisect_position,
-                                         jnp.zeros(shape, cdtype)))
+    cut = lax.cond(jnp.all(num_eq == need), lambda: jnp.full(shape, n, cdtype), position_cut)
     return t, cut, offsets
 
 
@@ -159,51 +209,76 @@ def selected(v, dtype, t, cut, offset):
     return (u > t) | ((u == t) & (pos < cut))
 
 
-def band(views, n, density, outliers, dtype, per_row):
-    """Ranks ``[ceil(outliers n), ceil(outliers n) + ceil(density n))`` (clipped to n)."""
-    lo = _common.count_of(outliers, n) if outliers else 0
-    hi = min(n, lo + _common.count_of(density, n))
-    t_hi, cut_hi, offsets = kth_largest(views, hi, dtype, per_row)
-    masks = [selected(v, dtype, t_hi, cut_hi, off) for v, off in zip(views, offsets)]
-    if lo:
-        t_lo, cut_lo, _ = kth_largest(views, lo, dtype, per_row)
-        masks = [m & ~selected(v, dtype, t_lo, cut_lo, off)
-                 for m, v, off in zip(masks, views, offsets)]
-    return masks
+def _groups(leaves: list[Any], scope: str):
+    """The selection groups of a flat leaf list: ``[(indices, dtype, per_row)]``.
+
+    ``"global"``: one group of every non-empty parameter leaf (compared in their common
+    dtype); otherwise one per non-empty parameter leaf. Static (shapes and dtypes only).
+    """
+    live = [i for i, x in enumerate(leaves) if _common.is_param(x) and jnp.size(x)]
+    if scope == "global":
+        if not live:
+            return []
+        return [(live, jnp.result_type(*[real_dtype(jnp.asarray(leaves[i])) for i in live]),
+                 False)]
+    return [([i], real_dtype(jnp.asarray(leaves[i])), True) for i in live]
+
+
+def _views(leaves, indices, scope):
+    if scope == "global":
+        return [jnp.asarray(leaves[i]).reshape(1, -1) for i in indices]
+    a = jnp.asarray(leaves[indices[0]])
+    if scope == "leaf":
+        return [a.reshape(1, -1)]
+    return [a.reshape(-1, a.shape[-1] if a.ndim else 1)]
+
+
+def band_thresholds(leaves: list[Any], density: float, outliers: float, scope: str):
+    """The rank band of :func:`band_masks` as thresholds: a small pytree of arrays.
+
+    One ``(t_hi, cut_hi, t_lo, cut_lo)`` per selection group (``t_lo, cut_lo`` are
+    ``None`` without outliers); :func:`band_masks_at` turns them into masks with one
+    elementwise pass. Splitting the two lets a merge rank each task once and apply all
+    tasks' masks inside one fused pass per leaf (no mask or trimmed copy is stored).
+    """
+    out = []
+    for indices, dtype, per_row in _groups(leaves, scope):
+        views = _views(leaves, indices, scope)
+        n = views[0].shape[-1] if per_row else sum(v.size for v in views)
+        lo = _common.count_of(outliers, n) if outliers else 0
+        hi = min(n, lo + _common.count_of(density, n))
+        t_hi, cut_hi, _ = kth_largest(views, hi, dtype, per_row)
+        t_lo = cut_lo = None
+        if lo:
+            t_lo, cut_lo, _ = kth_largest(views, lo, dtype, per_row)
+        out.append((t_hi, cut_hi, t_lo, cut_lo))
+    return out
+
+
+def band_masks_at(leaves: list[Any], thresholds, scope: str) -> list[jax.Array | None]:
+    """The masks of :func:`band_thresholds`' selection (``None`` at non-parameters)."""
+    out: list[jax.Array | None] = [None if not _common.is_param(x)
+                                   else jnp.zeros(jnp.shape(x), bool) for x in leaves]
+    for (indices, dtype, _), (t_hi, cut_hi, t_lo, cut_lo) in zip(_groups(leaves, scope),
+                                                                  thresholds):
+        views = _views(leaves, indices, scope)
+        offset = 0
+        for i, v in zip(indices, views):
+            off = offset if scope == "global" else 0
+            m = selected(v, dtype, t_hi, cut_hi, off)
+            if t_lo is not None:
+                m = m & ~selected(v, dtype, t_lo, cut_lo, off)
+            out[i] = m.reshape(jnp.shape(leaves[i]))
+            offset += v.size
+    return out
 
 
 def band_masks(leaves: list[Any], density: float, outliers: float,
-                scope: str) -> list[jax.Array | None]:
-    """Flat list of boolean masks (``None`` at non-parameter leaves)."""
-    idx = [i for i, x in enumerate(leaves) if _common.is_param(x)]
-    out: list[jax.Array | None] = [None] * len(leaves)
-    if scope == "global":
-        arrays = [jnp.asarray(leaves[i]) for i in idx if jnp.size(leaves[i])]
-        live = [i for i in idx if jnp.size(leaves[i])]
-        for i in idx:
-            out[i] = jnp.zeros(jnp.shape(leaves[i]), bool)
-        if not arrays:
-            return out
-        dtype = jnp.result_type(*[real_dtype(a) for a in arrays])
-        n = sum(a.size for a in arrays)
-        masks = band([a.reshape(1, -1) for a in arrays], n, density, outliers, dtype,
-                      per_row=False)
-        for i, a, m in zip(live, arrays, masks):
-            out[i] = m.reshape(a.shape)
-        return out
-    for i in idx:
-        a = jnp.asarray(leaves[i])
-        if a.size == 0:
-            out[i] = jnp.zeros(a.shape, bool)
-            continue
-        if scope == "leaf":
-            view = a.reshape(1, -1)
-        else:
-            view = a.reshape(-1, a.shape[-1] if a.ndim else 1)
-        (m,) = band([view], view.shape[-1], density, outliers, real_dtype(a),
-                     per_row=True)
-        out[i] = m.reshape(a.shape)
-    return out
+               scope: str) -> list[jax.Array | None]:
+    """Flat list of boolean masks of the rank band ``[lo, hi)`` per group (``None`` at
+    non-parameter leaves): ``lo = ceil(outliers n)`` (0 without outliers),
+    ``hi = min(n, lo + ceil(density n))``."""
+    return band_masks_at(leaves, band_thresholds(leaves, density, outliers, scope), scope)
 
 
 def keep_masked(leaves: list[Any], masks: list[jax.Array | None]) -> list[Any]:
