@@ -78,28 +78,71 @@ def magnitude_bits(x: jax.Array, dtype) -> jax.Array:
     return lax.bitcast_convert_type(mag, UINT[jnp.dtype(dtype).itemsize])
 
 
-def _digit_widths(nbits: int, groups: int, group_size: int) -> list[int]:
+def _digit_widths(nbits: int, groups: int) -> list[int]:
     """Digit widths, most significant first, for a radix select over ``nbits``-bit keys.
 
-    Each pass histograms one digit into ``groups * 2**w`` bins; ``w`` is the largest
-    width <= 16 whose histogram is no larger than the data (at least ``2**12`` bins), so
-    the histograms never cost a model-sized buffer: 2 passes for float32 under the global
-    scope, 3-4 for rows of 768-3072 entries.
+    Each pass histograms one digit into ``groups * 2**w`` bins. On CPU a scatter-add
+    into a histogram that leaves the cache is slow (measured, 17M entries in rows of
+    32-3072: 8-bit digits 1.7 s, 11-bit 12 s, 4-bit 0.9 s per band), so ``w`` is the
+    largest width <= 16 whose histogram has at most ``2**17`` bins (at least 3 bits):
+    2 passes for float32 under the global and leaf scopes, 5-11 for rows.
     """
-    budget = max(groups * group_size, 2 ** 12)
     w = 16
-    while w > 4 and groups * 2 ** w > budget:
+    while w > 3 and groups * 2 ** w > 2 ** 17:
         w -= 1
     passes = -(-nbits // w)
     first = nbits - w * (passes - 1)
     return [first] + [w] * (passes - 1)
 
 
+CHUNK = 2 ** 18
+
+
+def _chunked_bincount(v, index, length):
+    """``bincount`` of ``index(block, r0, c0, rows_of)`` over ``v`` in blocks of ~CHUNK.
+
+    XLA materializes a scatter's indices and updates (on CPU: two 32-bit buffers the size
+    of its input), so the histogram of a large view is summed over blocks of about
+    ``CHUNK`` entries in a ``fori_loop`` (each block a ``dynamic_slice``, fused into its
+    index computation): the transients are two blocks, not two views. ``block`` starts
+    at row ``r0``, column ``c0`` of ``v``.
+    """
+    g, m = v.shape
+
+    def hist(block, r0, c0):
+        rows_of = ((lambda a: a) if g == 1 else
+                   (lambda a: lax.dynamic_slice_in_dim(a, r0, block.shape[0], 0)))
+        return jnp.bincount(index(block, r0, c0, rows_of).reshape(-1), length=length)
+
+    if g == 1:
+        size, axis, extent = min(m, CHUNK), 1, m
+    else:
+        size, axis, extent = min(g, max(1, CHUNK // m)), 0, g
+    nblocks = extent // size
+    bshape = (1, size) if axis else (size, m)
+    if nblocks == 1:
+        total = hist(lax.slice_in_dim(v, 0, size, axis=axis), 0, 0)
+    else:
+        def body(i, total):
+            start = i * size
+            r0, c0 = (0, start) if axis else (start, 0)
+            block = lax.dynamic_slice(v, (r0, c0), bshape)
+            return total + hist(block, r0, c0)
+        total = lax.fori_loop(0, nblocks, body, jnp.zeros(length, jnp.int32))
+    done = nblocks * size
+    if done < extent:
+        r0, c0 = (0, done) if axis else (done, 0)
+        total = total + hist(lax.slice_in_dim(v, done, extent, axis=axis), r0, c0)
+    return total
+
+
 def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
     """The ``k``-th largest ``key`` per group, by one histogram pass per digit.
 
-    ``keys(v, j)`` gives view ``j``'s unsigned keys (``[g, m]``), ``valid(v, j)`` which
-    entries count (``None``: all). Pass ``p`` histograms digit ``p`` of the entries whose
+    ``keys(block, j, c0, rows_of)`` gives the unsigned keys of a block of view ``j``
+    (``[g', m']``, its first column ``c0`` of the view; ``rows_of`` slices a ``[g, 1]``
+    array to the block's rows), ``valid`` (same arguments) which entries count
+    (``None``: all). Pass ``p`` histograms digit ``p`` of the entries whose
     higher digits equal the prefix found so far and picks the digit holding the
     ``k``-th largest; entries that do not match go to one extra bin that is never read.
 
@@ -107,7 +150,6 @@ def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
     entry, how many entries equal to ``t`` the first ``k`` contain, and how many equal it.
     """
     g = shape[0]
-    rows = lax.broadcasted_iota(jnp.int32, (g, 1), 0)
     prefix = jnp.zeros(shape, udtype)
     remaining = jnp.broadcast_to(jnp.asarray(k, jnp.int32), shape)   # groups < 2**31
     shift = nbits
@@ -116,17 +158,27 @@ def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
         shift -= w
         bins = 2 ** w
         total = None
+        if p:
+            # Ties this pass's inputs to the previous pass's result, so that XLA neither
+            # computes the keys of every pass at once nor shares (stores) them.
+            views, prefix = lax.optimization_barrier((views, prefix))
         for j, v in enumerate(views):
-            key = keys(v, j)
-            digit = (jnp.right_shift(key, udtype(shift)) & udtype(bins - 1)).astype(jnp.int32)
-            ok = None if valid is None else valid(v, j)
-            if p:
-                match = jnp.right_shift(key, udtype(shift + w)) == prefix
-                ok = match if ok is None else ok & match
-            if ok is not None:
-                digit = jnp.where(ok, digit, bins)
-            idx = digit + rows * (bins + 1) if g > 1 else digit
-            h = jnp.bincount(idx.reshape(-1), length=g * (bins + 1))
+            def index(block, r0, c0, rows_of, j=j, p=p, w=w, shift=shift, bins=bins,
+                      prefix=prefix):
+                key = keys(block, j, c0, rows_of)
+                digit = (jnp.right_shift(key, udtype(shift))
+                         & udtype(bins - 1)).astype(jnp.int32)
+                ok = None if valid is None else valid(block, j, c0, rows_of)
+                if p:
+                    match = jnp.right_shift(key, udtype(shift + w)) == rows_of(prefix)
+                    ok = match if ok is None else ok & match
+                if ok is not None:
+                    digit = jnp.where(ok, digit, bins)
+                if g > 1:
+                    digit = digit + (lax.broadcasted_iota(jnp.int32, (block.shape[0], 1), 0)
+                                     + r0) * (bins + 1)
+                return digit
+            h = _chunked_bincount(v, index, g * (bins + 1))
             total = h if total is None else total + h
         hist = total.reshape(g, bins + 1)[:, :bins].astype(remaining.dtype)
         # suffix[b] = #{digit >= b}: non-increasing, so the chosen digit is the number of
@@ -139,6 +191,62 @@ def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
         prefix = jnp.left_shift(prefix, udtype(w)) | d.astype(udtype)
         num_eq = at
     return prefix.reshape(shape), remaining.reshape(shape), num_eq.reshape(shape)
+
+
+def _bisect_kth(views, k, dtype, per_row, n, udtype, cdtype, shape, offsets):
+    """``(t, cut)`` by bisection on the bits: 31 (float32) compare-and-count passes.
+
+    The greedy MSB-first search for the largest ``t`` with ``#{u >= t} >= k``; then, if
+    more than ``need`` entries tie at ``t``, a bisection over positions. Used for the
+    row scope on CPU, where it beats the radix select (see :func:`kth_largest`).
+    """
+    def count(pred):
+        # Bits and positions are recomputed inside every pass rather than stored, so
+        # that where XLA fuses a reduction with its input no model-sized copy exists.
+        total = None
+        for v, offset in zip(views, offsets):
+            u = magnitude_bits(v, dtype)
+            pos = lax.broadcasted_iota(cdtype, v.shape, 1) + offset
+            c = (jnp.sum(pred(u, pos), axis=-1, keepdims=True, dtype=cdtype) if per_row
+                 else jnp.sum(pred(u, pos), dtype=cdtype))
+            total = c if total is None else total + c
+        return jnp.reshape(total, shape)
+
+    nbits = 8 * jnp.dtype(udtype).itemsize - 1          # the sign bit of |x| is 0
+
+    def bisect_value(i, t):
+        cand = t | jnp.left_shift(jnp.ones((), udtype), (nbits - 1 - i).astype(udtype))
+        return jnp.where(count(lambda u, _: u >= cand) >= k, cand, t)
+
+    t = lax.fori_loop(0, nbits, bisect_value, jnp.zeros(shape, udtype))
+    need = k - count(lambda u, _: u > t)                 # >= 1 entries equal to t to keep
+    num_eq = count(lambda u, _: u == t)
+    pbits = int(n).bit_length()
+
+    def bisect_position(i, cut):
+        # Largest cut <= n with #{u == t, pos < cut} <= need; then that count == need.
+        cand = cut | jnp.left_shift(jnp.ones((), cdtype), (pbits - 1 - i).astype(cdtype))
+        ok = (cand <= n) & (count(lambda u, pos: (u == t) & (pos < cand)) <= need)
+        return jnp.where(ok, cand, cut)
+
+    cut = lax.cond(jnp.all(num_eq == need),
+                   lambda: jnp.full(shape, n, cdtype),
+                   lambda: lax.fori_loop(0, pbits, bisect_position,
+                                         jnp.zeros(shape, cdtype)))
+    return t, cut
+
+
+def _bisect_rows() -> bool:
+    """Whether many-row groups (the row scope) use the bisection: on CPU, yes.
+
+    Measured on CPU (17M float32 entries in ViT-B/32 rows of 32-3072, band of
+    Breadcrumbs): the per-row radix select, whose histograms hold ``rows * 2**w`` bins,
+    took 1.3-1.5x the bisection's time for every digit width tried (3-11 bits); the
+    scatter-adds into many small per-row histograms are slower than 31 fused
+    compare-and-count passes. On accelerators, whose scatter-adds are fast, the radix
+    select is used for rows as well (not measured here: no accelerator was available).
+    """
+    return jax.default_backend() == "cpu"
 
 
 def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool):
@@ -180,22 +288,30 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool):
     if k >= n:    # everything
         return jnp.zeros(shape, udtype), jnp.full(shape, n, cdtype), offsets
 
-    nbits = 8 * jnp.dtype(udtype).itemsize - 1          # the sign bit of |x| is 0
     g = shape[0]
+    if g > 1 and _bisect_rows():
+        t, cut = _bisect_kth(views, k, dtype, per_row, n, udtype, cdtype, shape, offsets)
+        return t, cut, offsets
+    nbits = 8 * jnp.dtype(udtype).itemsize - 1          # the sign bit of |x| is 0
     # Bits (and positions) are recomputed inside every pass rather than stored, so that
     # where XLA fuses a histogram with its input no model-sized copy exists.
-    t, need, num_eq = _radix_kth(views, lambda v, j: magnitude_bits(v, dtype), None, k,
-                                 nbits, udtype, shape, _digit_widths(nbits, g, n))
+    t, need, num_eq = _radix_kth(views, lambda v, j, c0, rows_of: magnitude_bits(v, dtype),
+                                 None, k,
+                                 nbits, udtype, shape, _digit_widths(nbits, g))
     pbits = max(1, (n - 1).bit_length())
     pdtype = jnp.uint32 if pbits <= 32 else jnp.uint64
 
     def position_cut():
         # The need-th earliest tied entry is the need-th largest of n - 1 - pos among
         # them; cut is one past its position.
-        def pkeys(v, j):
-            return (n - 1 - lax.broadcasted_iota(cdtype, v.shape, 1) - offsets[j]).astype(pdtype)
-        r, _, _ = _radix_kth(views, pkeys, lambda v, j: magnitude_bits(v, dtype) == t,
-                             need, pbits, pdtype, shape, _digit_widths(pbits, g, n))
+        def pkeys(v, j, c0, rows_of):
+            pos = lax.broadcasted_iota(cdtype, v.shape, 1) + c0 + offsets[j]
+            return (n - 1 - pos).astype(pdtype)
+
+        def tied(v, j, c0, rows_of):
+            return magnitude_bits(v, dtype) == rows_of(t)
+        r, _, _ = _radix_kth(views, pkeys, tied,
+                             need, pbits, pdtype, shape, _digit_widths(pbits, g))
         return (n - r.astype(cdtype)).astype(cdtype)
 
     cut = lax.cond(jnp.all(num_eq == need), lambda: jnp.full(shape, n, cdtype), position_cut)
