@@ -52,7 +52,8 @@ from jax import lax
 
 from taskvec_jax.merging import _common
 
-__all__ = ["SCOPES", "band_masks", "band_masks_at", "band_thresholds", "check_scope",
+__all__ = ["SCOPES", "band_masks", "band_masks_at", "band_thresholds", "band_thresholds_eager",
+           "check_scope",
            "keep_masked", "kth_largest", "magnitude_bits", "real_dtype", "selected"]
 
 SCOPES = ("global", "leaf", "row")
@@ -112,7 +113,8 @@ def _chunked_bincount(v, index, length):
     def hist(block, r0, c0):
         rows_of = ((lambda a: a) if g == 1 else
                    (lambda a: lax.dynamic_slice_in_dim(a, r0, block.shape[0], 0)))
-        return jnp.bincount(index(block, r0, c0, rows_of).reshape(-1), length=length)
+        return jnp.bincount(index(block, r0, c0, rows_of).reshape(-1),
+                            length=length).astype(jnp.int32)     # groups < 2**31
 
     if g == 1:
         size, axis, extent = min(m, CHUNK), 1, m
@@ -358,16 +360,44 @@ def band_thresholds(leaves: list[Any], density: float, outliers: float, scope: s
     tasks' masks inside one fused pass per leaf (no mask or trimmed copy is stored).
     """
     out = []
+    done = jnp.zeros((), jnp.int32)
     for indices, dtype, per_row in _groups(leaves, scope):
         views = _views(leaves, indices, scope)
         n = views[0].shape[-1] if per_row else sum(v.size for v in views)
         lo = _common.count_of(outliers, n) if outliers else 0
         hi = min(n, lo + _common.count_of(density, n))
+        # Each selection's inputs are tied to the previous one's result, so that XLA runs
+        # them one after the other and their transients (on CPU: the bit patterns and a
+        # reduction's input, for the largest leaf) are never alive together.
+        views, done = lax.optimization_barrier((views, done))
         t_hi, cut_hi, _ = kth_largest(views, hi, dtype, per_row)
         t_lo = cut_lo = None
         if lo:
+            views, t_hi = lax.optimization_barrier((views, t_hi))
             t_lo, cut_lo, _ = kth_largest(views, lo, dtype, per_row)
+        done = jnp.sum(cut_hi, dtype=jnp.int32)
         out.append((t_hi, cut_hi, t_lo, cut_lo))
+    return out
+
+
+_band_thresholds_jit = jax.jit(band_thresholds, static_argnums=(1, 2, 3))
+
+
+def band_thresholds_eager(leaves: list[Any], density: float, outliers: float, scope: str):
+    """:func:`band_thresholds` for concrete leaves, in the fewest-transients way.
+
+    Under the ``"leaf"`` and ``"row"`` scopes each leaf is ranked by its own compiled
+    program, so that only one leaf's transients exist at a time (in one program for the
+    whole tree, XLA:CPU kept them alive together: measured 1.9 model sizes for a
+    ViT-B/32-shaped tree under the row scope, against 0.05 leaf by leaf); the global
+    scope is one program (its histogram passes are blocked, see
+    :func:`_chunked_bincount`).
+    """
+    if scope == "global":
+        return _band_thresholds_jit(leaves, density, outliers, scope)
+    out = []
+    for indices, _, _ in _groups(leaves, scope):
+        out.extend(_band_thresholds_jit([leaves[indices[0]]], density, outliers, scope))
     return out
 
 

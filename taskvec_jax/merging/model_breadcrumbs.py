@@ -67,7 +67,8 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
         return _breadcrumbs_graph(base, tuple(task_vectors), alphas, **options)
     # Eagerly: one compiled ranking per task (it returns only thresholds), then one
     # program whose every output leaf is one fused pass over the T task leaves.
-    thresholds = [_thresholds_jit(tv, **options) for tv in task_vectors]
+    thresholds = [_select.band_thresholds_eager(_common.flatten(tv)[0], density, outliers,
+                                                scope) for tv in task_vectors]
     return _breadcrumbs_merge_jit(base, tuple(task_vectors), thresholds, alphas, scope=scope)
 
 
@@ -103,7 +104,6 @@ def _breadcrumbs_merge(base, task_vectors, thresholds, alphas, *, scope):
     return jax.tree.unflatten(treedef, out)
 
 
-_thresholds_jit = jax.jit(_thresholds, static_argnames=("density", "outliers", "scope"))
 _breadcrumbs_merge_jit = jax.jit(_breadcrumbs_merge, static_argnames=("scope",))
 
 

@@ -123,8 +123,8 @@ def _ties(task_vectors, alphas, base, scale, *, density, scope, merge, consensus
         return _ties_graph(task_vectors, alphas, base, scale, **options)
     thresholds = None
     if density < 1.0:
-        thresholds = [_thresholds_jit(tv, density=density, scope=scope)
-                      for tv in task_vectors]
+        thresholds = [_select.band_thresholds_eager(_common.flatten(tv)[0], density, 0.0,
+                                                    scope) for tv in task_vectors]
     return _ties_merge_jit(task_vectors, thresholds, alphas, base, scale, **options)
 
 
@@ -201,7 +201,6 @@ def _ties_merge(task_vectors, thresholds, alphas, base, scale, *, density, scope
 
 
 _STATIC = ("density", "scope", "merge", "consensus")
-_thresholds_jit = jax.jit(_thresholds, static_argnames=("density", "scope"))
 _ties_merge_jit = jax.jit(_ties_merge, static_argnames=_STATIC)
 
 
