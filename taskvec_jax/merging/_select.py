@@ -27,13 +27,16 @@ position (the earlier entry in the order above ranks first). The kept set is the
 so that NaN/Inf propagate under ``jit``; called eagerly, merges reject them first
 (:func:`taskvec_jax.merging._common.check_finite`).
 
-Algorithm. The ``k``-th largest magnitude of a group is found exactly by bisection on its
-bit pattern (non-negative IEEE floats order like their unsigned-integer bits): 31 (float32)
-or 63 (float64) counting passes over the group, each a compare-and-sum; no sort and no
-quantile. Only if more entries tie at that threshold than can be kept does a second
-bisection, over positions (``ceil(log2 n)`` passes), find where the kept ties end. Under
-``"global"`` scope the counts are summed across leaves, so the whole model is never
-concatenated.
+Algorithm. The ``k``-th largest magnitude of a group is found exactly on its bit pattern
+(non-negative IEEE floats order like their unsigned-integer bits), with no sort and no
+quantile, by a radix select: one histogram pass per digit, most significant first (2
+passes of 15 + 16 bits for float32 under the global and leaf scopes), each counting only
+the entries whose higher digits match. Only if more entries tie at that threshold than
+can be kept does a second radix select, over the tied entries' positions, find where the
+kept ties end. Under ``"global"`` scope the histograms are summed across leaves, so the
+whole model is never concatenated. The row scope on CPU keeps the bisection on the bits
+(31 compare-and-count passes), measured faster there than per-row histograms
+(:func:`_bisect_rows`).
 
 Non-float leaves. ``None`` leaves (a task vector's non-float positions) and integer or
 boolean leaves are not parameters: they are not counted and masks hold ``None`` there.

@@ -32,11 +32,12 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
     the largest ``lo`` entries (outliers) are dropped, the next ``ceil(density * n)`` kept,
     the small rest dropped (see :func:`~taskvec_jax.merging.magnitude_mask`).
 
-    Memory: one model-sized accumulator (at least float32) plus the output; the ``T``
-    sparsified task vectors are never held at once. Called eagerly, each task is one
-    compiled step on the donated accumulator (on CPU its transients are about four
-    model-sized 32-bit buffers: two selections); under an outer ``jax.jit`` the tasks
-    run in a ``lax.fori_loop`` (see :func:`~taskvec_jax.merging.ties_task_vector`).
+    Memory: besides the inputs and the output, one leaf's ranking transients at a time:
+    each task is ranked first (eagerly one compiled program per task and leaf), keeping
+    only two thresholds per group, then every output leaf is one fused pass over the
+    ``T`` task leaves (the float32 sum stays in registers). Under an outer ``jax.jit``
+    the rankings run in a ``lax.fori_loop`` (see
+    :func:`~taskvec_jax.merging.ties_task_vector`).
 
     Args:
       base: the pretrained model.

@@ -72,17 +72,14 @@ def ties_task_vector(task_vectors: Sequence[PyTree], *, density: float = 0.2,
 
     and ``0`` where ``s = 0`` (no sign is elected; mergekit elects ``+`` there).
 
-    Memory: one pass over the tasks, holding two model-sized float accumulators (``P``,
-    ``N``, in at least float32) and, for ``"mean"`` or ``"count"``, two
-    one-byte-per-parameter counters (``T < 256``; int32 otherwise), plus the output. The
-    ``T`` trimmed task vectors are never held at once: called eagerly, each task is one
-    compiled step that updates the donated accumulators in place, so only one task's
-    transients exist at a time (on CPU, XLA materializes the inputs of the counting
-    reductions: about two model-sized 32-bit buffers for ``density < 1``, none for
-    ``density == 1``). Under an outer ``jax.jit`` the tasks run one after the other in a
-    ``lax.fori_loop`` (each fetched by ``lax.switch``: one more model-sized copy);
-    measured on CPU, the temporaries do not grow with ``T`` either way (see
-    docs/merging.md).
+    Memory: besides the inputs and the output, one task's ranking transients at a time.
+    Each task is ranked first (eagerly one compiled program per task, per leaf under the
+    leaf and row scopes), keeping only its thresholds; then every output leaf is one
+    fused elementwise pass over the ``T`` task leaves (masks, ``P``, ``N`` in at least
+    float32, the counts and the disjoint merge stay in registers), so no trimmed copy,
+    mask or accumulator is stored. Under an outer ``jax.jit`` the rankings run one after
+    the other in a ``lax.fori_loop`` (each task fetched by ``lax.switch``: one more
+    model-sized copy); their temporaries do not grow with ``T`` (see docs/merging.md).
 
     Args:
       task_vectors: a non-empty sequence of task vectors with equal structure.
