@@ -17,7 +17,7 @@ from tests.merging_refs import (COVER_SETTINGS, SETTINGS, TRANSFORMS, M, assert_
                           assert_trees_close, assert_trees_equal, class_trees, inputs,
                           ref_ties)
 
-from taskvec_jax.merging import ties_merging
+from taskvec_jax.merging import _select, ties_merging
 
 # --------------------------------------------------------------------------- TIES
 
@@ -210,22 +210,32 @@ MODEL_BYTES = 300_000 * 4
 
 def test_ties_memory_does_not_grow_with_the_number_of_tasks():
     # The documented memory claims, checked on the compiled programs (CPU). Eagerly, each
-    # task is one step whose accumulators are donated (aliased) and whose temporaries stay
-    # within 3 model sizes. Under an outer jit, the tasks run in a fori_loop: temporaries
-    # are the same for 2 and 8 tasks.
+    # task's ranking is one program returning only thresholds (temporaries within 3 model
+    # sizes), and the merge stores nothing but its output (every output leaf is one fused
+    # pass over the tasks). Under an outer jit the rankings run in a fori_loop:
+    # temporaries are the same for 2 and 8 tasks.
     base = MEMORY_BASE
-    state = ties_merging._ties_init(base, 8, "mean")
     for scope in ("global", "row"):
-        stats = ties_merging._ties_step_jit.lower(
-            state, base, None, density=0.2, scope=scope, merge="mean",
-            consensus="mass").compile().memory_analysis()
-        assert stats.temp_size_in_bytes <= 3 * MODEL_BYTES
-        assert stats.alias_size_in_bytes == 2.5 * MODEL_BYTES   # P, N, two uint8 counts
+        # Eagerly the global scope is ranked in one program, the row scope leaf by leaf;
+        # the leaves here fit in one histogram block, whose index and update buffers XLA
+        # materializes (64-bit under x64), plus the histogram (at most 2**17 bins).
+        groups = [list(base.values())] if scope == "global" else [[x] for x in base.values()]
+        for leaves in groups:
+            stats = _select._band_thresholds_jit.lower(
+                leaves, 0.2, 0.0, scope).compile().memory_analysis()
+            assert stats.temp_size_in_bytes <= 5 * sum(x.nbytes for x in leaves) + 2 ** 20
+        thresholds = [jax.eval_shape(lambda b: ties_merging._thresholds(
+            b, density=0.2, scope=scope), base)] * 8
+        stats = ties_merging._ties_merge_jit.lower(
+            (base,) * 8, thresholds, None, base, jnp.asarray(1.0), density=0.2,
+            scope=scope, merge="mean", consensus="mass").compile().memory_analysis()
+        assert stats.temp_size_in_bytes <= 0.01 * MODEL_BYTES
+        assert stats.output_size_in_bytes <= 1.01 * MODEL_BYTES
     temps = {}
     for num_tasks in (2, 8):
         taus = tuple(base for _ in range(num_tasks))
         temps[num_tasks] = ties_merging._ties_graph.lower(
-            taus, None, density=0.2, scope="global", merge="mean",
+            taus, None, None, None, density=0.2, scope="global", merge="mean",
             consensus="mass").compile().memory_analysis().temp_size_in_bytes
     assert temps[8] <= temps[2] + 0.01 * MODEL_BYTES
     assert temps[8] <= 6 * MODEL_BYTES

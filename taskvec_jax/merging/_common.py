@@ -41,6 +41,7 @@ __all__ = [
     "accumulation_dtype", "check_density", "check_finite", "check_models", "check_outliers",
     "count_of",
     "exact", "flatten", "flatten_tasks", "fold_tasks", "is_none", "is_param", "is_traced",
+    "map_tasks",
     "leaf_paths", "per_task_alpha", "scalar_alpha", "static_number",
 ]
 
@@ -198,6 +199,28 @@ def fold_tasks(step, state: Any, items: Sequence[Any]) -> Any:
         return step(state, item)
 
     return jax.lax.fori_loop(0, len(items), body, state)
+
+
+def map_tasks(fn, items: Sequence[Any]) -> list[Any]:
+    """``[fn(item) for item in items]`` as one ``lax.fori_loop`` (for small outputs).
+
+    As :func:`fold_tasks`: the iterations run one after the other, so their transients
+    are not overlapped (an unrolled loop let XLA schedule every task's ranking at once:
+    measured on CPU, temporaries growing with the number of tasks); item ``t`` is fetched
+    with ``lax.switch`` (one item-sized copy). The outputs, meant to be small (a merge's
+    per-task thresholds), are stacked in the loop and returned unstacked.
+    """
+    if len(items) == 1:
+        return [fn(items[0])]
+    shapes = jax.eval_shape(fn, items[0])
+    init = jax.tree.map(lambda s: jnp.zeros((len(items),) + s.shape, s.dtype), shapes)
+
+    def body(t, out):
+        item = jax.lax.switch(t, [lambda item=item: item for item in items])
+        return jax.tree.map(lambda acc, x: acc.at[t].set(x), out, fn(item))
+
+    out = jax.lax.fori_loop(0, len(items), body, init)
+    return [jax.tree.map(lambda a, t=t: a[t], out) for t in range(len(items))]
 
 
 def is_traced(tree: Any) -> bool:

@@ -32,11 +32,12 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
     the largest ``lo`` entries (outliers) are dropped, the next ``ceil(density * n)`` kept,
     the small rest dropped (see :func:`~taskvec_jax.merging.magnitude_mask`).
 
-    Memory: one model-sized accumulator (at least float32) plus the output; the ``T``
-    sparsified task vectors are never held at once. Called eagerly, each task is one
-    compiled step on the donated accumulator (on CPU its transients are about four
-    model-sized 32-bit buffers: two selections); under an outer ``jax.jit`` the tasks
-    run in a ``lax.fori_loop`` (see :func:`~taskvec_jax.merging.ties_task_vector`).
+    Memory: besides the inputs and the output, one leaf's ranking transients at a time:
+    each task is ranked first (eagerly one compiled program per task and leaf), keeping
+    only two thresholds per group, then every output leaf is one fused pass over the
+    ``T`` task leaves (the float32 sum stays in registers). Under an outer ``jax.jit``
+    the rankings run in a ``lax.fori_loop`` (see
+    :func:`~taskvec_jax.merging.ties_task_vector`).
 
     Args:
       base: the pretrained model.
@@ -62,46 +63,55 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
     _common.flatten_tasks(task_vectors, base)
     _common.check_finite(task_vectors)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
+    options = dict(density=density, outliers=outliers, scope=scope)
     if _common.is_traced((base, task_vectors, alphas)):
-        return _breadcrumbs_graph(base, tuple(task_vectors), alphas, density=density,
-                                  outliers=outliers, scope=scope)
-    # Eagerly: one compiled step per task with the accumulator donated (as in TIES).
-    acc = _breadcrumbs_init(base)
-    for t, task_vector in enumerate(task_vectors):
-        acc = _breadcrumbs_step_jit(acc, task_vector, alphas[t], density=density,
-                                    outliers=outliers, scope=scope)
-    return _add_to_base_jit(base, acc)
+        return _breadcrumbs_graph(base, tuple(task_vectors), alphas, **options)
+    # Eagerly: one compiled ranking per task (it returns only thresholds), then one
+    # program whose every output leaf is one fused pass over the T task leaves.
+    thresholds = [_select.band_thresholds_eager(_common.flatten(tv)[0], density, outliers,
+                                                scope) for tv in task_vectors]
+    return _breadcrumbs_merge_jit(base, tuple(task_vectors), thresholds, alphas, scope=scope)
 
 
-def _breadcrumbs_init(base):
-    leaves, _ = _common.flatten(base)
-    return [jnp.zeros(jnp.shape(b), _common.accumulation_dtype(jnp.result_type(b)))
-            if _common.is_param(b) else None for b in leaves]
-
-
-def _breadcrumbs_step(acc, task_vector, alpha, *, density, outliers, scope):
-    """``acc + alpha * where(band(tau), tau, 0)``."""
+def _thresholds(task_vector, *, density, outliers, scope):
+    """The band's thresholds of one task vector (:func:`_select.band_thresholds`)."""
     leaves, _ = _common.flatten(task_vector)
-    masks = _select.band_masks(leaves, density, outliers, scope)
-    out = list(acc)
-    for i, (x, m) in enumerate(zip(_select.keep_masked(leaves, masks), masks)):
-        if m is None or acc[i] is None:
+    return _select.band_thresholds(leaves, density, outliers, scope)
+
+
+def _breadcrumbs_merge(base, task_vectors, thresholds, alphas, *, scope):
+    """``base + sum_t alpha_t * where(band_t, tau_t, 0)``, leaf by leaf.
+
+    The sum runs in task order in at least float32 and is added to the base as
+    :func:`~taskvec_jax.merging.arithmetic.add_weighted` does; all elementwise, so XLA
+    fuses each leaf's masks and sum into one pass (no mask or banded copy is stored).
+    """
+    base_leaves, treedef = _common.flatten(base)
+    task_leaves = []
+    for tv, thr in zip(task_vectors, thresholds):
+        leaves, _ = _common.flatten(tv)
+        masks = _select.band_masks_at(leaves, thr, scope)
+        task_leaves.append((_select.keep_masked(leaves, masks), masks))
+    out = []
+    for i, b in enumerate(base_leaves):
+        if not _common.is_param(b) or task_leaves[0][1][i] is None:
+            out.append(b)
             continue
-        out[i] = acc[i] + alpha.astype(acc[i].dtype) * x.astype(acc[i].dtype)
-    return out
+        adt = _common.accumulation_dtype(jnp.result_type(b))
+        acc = jnp.zeros(jnp.shape(b), adt)
+        for t, (leaves, _) in enumerate(task_leaves):
+            acc = acc + alphas[t].astype(adt) * leaves[i].astype(adt)
+        out.append(arithmetic.add_weighted(b, [acc]))
+    return jax.tree.unflatten(treedef, out)
 
 
-_breadcrumbs_step_jit = jax.jit(_breadcrumbs_step,
-                                static_argnames=("density", "outliers", "scope"),
-                                donate_argnums=0)
-_add_to_base_jit = jax.jit(lambda base, acc: arithmetic.add_weighted(base, [acc]))
+_breadcrumbs_merge_jit = jax.jit(_breadcrumbs_merge, static_argnames=("scope",))
 
 
 @functools.partial(jax.jit, static_argnames=("density", "outliers", "scope"))
 def _breadcrumbs_graph(base, task_vectors, alphas, *, density, outliers, scope):
-    """All tasks in one program (the path taken under an outer ``jax.jit``)."""
-    acc = _common.fold_tasks(
-        lambda acc, tau_alpha: _breadcrumbs_step(acc, *tau_alpha, density=density,
-                                                 outliers=outliers, scope=scope),
-        _breadcrumbs_init(base), [(tv, alphas[t]) for t, tv in enumerate(task_vectors)])
-    return arithmetic.add_weighted(base, [acc])
+    """Ranking and merge in one program (the path taken under an outer ``jax.jit``)."""
+    thresholds = _common.map_tasks(
+        lambda tv: _thresholds(tv, density=density, outliers=outliers, scope=scope),
+        task_vectors)
+    return _breadcrumbs_merge(base, task_vectors, thresholds, alphas, scope=scope)

@@ -46,8 +46,9 @@ def magnitude_mask(task_vector: PyTree, *, density: float, outliers: float = 0.0
     ``outliers=0`` that is the ``ceil(density * n)`` largest magnitudes (TIES' trim);
     with ``outliers > 0`` the largest ``lo`` are excluded first (Model Breadcrumbs).
 
-    Memory: the output masks (one byte per parameter) and the counting passes'
-    transients: no sort and no concatenated copy, but on CPU XLA materializes each
+    Memory: the output masks (one byte per parameter) and the ranking passes'
+    transients: no sort and no concatenated copy; XLA materializes a histogram pass's
+    indices (blocks of ``2**18`` entries) and, for the row scope on CPU, each counting
     reduction's input (about two model-sized 32-bit buffers, reused across passes).
 
     Args:

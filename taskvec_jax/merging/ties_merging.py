@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from taskvec_jax import task_vectors as tv_lib
 from taskvec_jax.merging import _common, _select
 
 PyTree = Any
@@ -33,6 +32,20 @@ def _check_real(task_leaves: list[list[Any]], paths: list[str], what: str) -> No
                 raise ValueError(f"task vector {t}: leaf '{path}' is complex "
                                  f"({jnp.result_type(x)}); {what} elects signs and needs "
                                  "real values")
+
+
+def _check_options(task_vectors, density, scope, merge, consensus):
+    """The checks of :func:`ties_task_vector` and :func:`ties`; returns density, scope."""
+    density = _common.check_density(density)
+    scope = _select.check_scope(scope)
+    if merge not in TIES_MERGES:
+        raise ValueError(f"unknown merge {merge!r}; choose one of {TIES_MERGES}")
+    if consensus not in CONSENSUS:
+        raise ValueError(f"unknown consensus {consensus!r}; choose one of {CONSENSUS}")
+    _, task_leaves = _common.flatten_tasks(task_vectors)
+    _check_real(task_leaves, _common.leaf_paths(task_vectors[0]), "TIES")
+    _common.check_finite(task_vectors)
+    return density, scope
 
 
 def ties_task_vector(task_vectors: Sequence[PyTree], *, density: float = 0.2,
@@ -59,17 +72,14 @@ def ties_task_vector(task_vectors: Sequence[PyTree], *, density: float = 0.2,
 
     and ``0`` where ``s = 0`` (no sign is elected; mergekit elects ``+`` there).
 
-    Memory: one pass over the tasks, holding two model-sized float accumulators (``P``,
-    ``N``, in at least float32) and, for ``"mean"`` or ``"count"``, two
-    one-byte-per-parameter counters (``T < 256``; int32 otherwise), plus the output. The
-    ``T`` trimmed task vectors are never held at once: called eagerly, each task is one
-    compiled step that updates the donated accumulators in place, so only one task's
-    transients exist at a time (on CPU, XLA materializes the inputs of the counting
-    reductions: about two model-sized 32-bit buffers for ``density < 1``, none for
-    ``density == 1``). Under an outer ``jax.jit`` the tasks run one after the other in a
-    ``lax.fori_loop`` (each fetched by ``lax.switch``: one more model-sized copy);
-    measured on CPU, the temporaries do not grow with ``T`` either way (see
-    docs/merging.md).
+    Memory: besides the inputs and the output, one task's ranking transients at a time.
+    Each task is ranked first (eagerly one compiled program per task, per leaf under the
+    leaf and row scopes), keeping only its thresholds; then every output leaf is one
+    fused elementwise pass over the ``T`` task leaves (masks, ``P``, ``N`` in at least
+    float32, the counts and the disjoint merge stay in registers), so no trimmed copy,
+    mask or accumulator is stored. Under an outer ``jax.jit`` the rankings run one after
+    the other in a ``lax.fori_loop`` (each task fetched by ``lax.switch``: one more
+    model-sized copy); their temporaries do not grow with ``T`` (see docs/merging.md).
 
     Args:
       task_vectors: a non-empty sequence of task vectors with equal structure.
@@ -90,27 +100,29 @@ def ties_task_vector(task_vectors: Sequence[PyTree], *, density: float = 0.2,
         output instead), a density outside ``(0, 1]``, an unknown scope, merge or
         consensus, or alpha of the wrong shape.
     """
-    density = _common.check_density(density)
-    scope = _select.check_scope(scope)
-    if merge not in TIES_MERGES:
-        raise ValueError(f"unknown merge {merge!r}; choose one of {TIES_MERGES}")
-    if consensus not in CONSENSUS:
-        raise ValueError(f"unknown consensus {consensus!r}; choose one of {CONSENSUS}")
-    _, task_leaves = _common.flatten_tasks(task_vectors)
-    _check_real(task_leaves, _common.leaf_paths(task_vectors[0]), "TIES")
-    _common.check_finite(task_vectors)
+    density, scope = _check_options(task_vectors, density, scope, merge, consensus)
     alphas = None if alpha is None else _common.per_task_alpha(alpha, len(task_vectors))
+    return _ties(tuple(task_vectors), alphas, None, None, density=density, scope=scope,
+                 merge=merge, consensus=consensus)
+
+
+def _ties(task_vectors, alphas, base, scale, *, density, scope, merge, consensus):
+    """Ranks each task once, then merges leaf by leaf (``base + scale * merged`` if given).
+
+    Called eagerly, the ranking of task ``t`` is one compiled program returning only its
+    thresholds (a few scalars per group), and the merge one program whose every output
+    leaf is one fused elementwise pass over the ``T`` task leaves (masks, ``P``, ``N``,
+    counts and the disjoint mean live in registers): no trimmed copy, mask or
+    accumulator is stored. Under an outer ``jax.jit`` both run in the caller's program.
+    """
     options = dict(density=density, scope=scope, merge=merge, consensus=consensus)
-    if _common.is_traced((task_vectors, alphas)):
-        return _ties_graph(tuple(task_vectors), alphas, **options)
-    # Called eagerly: one compiled step per task, its accumulators donated, so that only
-    # one task's transient buffers ever exist. (One program with a Python loop over the
-    # tasks let XLA overlap them: on CPU, 15 model-sized temporaries for 8 tasks.)
-    state = _ties_init(task_vectors[0], len(task_vectors), merge, consensus)
-    for t, task_vector in enumerate(task_vectors):
-        state = _ties_step_jit(state, task_vector, None if alphas is None else alphas[t],
-                               **options)
-    return _ties_finish_jit(state, task_vectors[0], merge=merge, consensus=consensus)
+    if _common.is_traced((task_vectors, alphas, base, scale)):
+        return _ties_graph(task_vectors, alphas, base, scale, **options)
+    thresholds = None
+    if density < 1.0:
+        thresholds = [_select.band_thresholds_eager(_common.flatten(tv)[0], density, 0.0,
+                                                    scope) for tv in task_vectors]
+    return _ties_merge_jit(task_vectors, thresholds, alphas, base, scale, **options)
 
 
 def ties_merge(task_vectors: Sequence[PyTree], *, density: float = 0.2,
@@ -125,80 +137,79 @@ def _needs_counts(merge: str, consensus: str) -> bool:
     return merge == "mean" or consensus == "count"
 
 
-def _ties_init(like, num_tasks, merge, consensus="mass"):
-    """Zero accumulators ``(P, N, #pos, #neg)`` (``None`` at non-parameters)."""
-    leaves, _ = _common.flatten(like)
-    cdtype = jnp.uint8 if num_tasks < 256 else jnp.int32
-    zeros = lambda dtype: [jnp.zeros(jnp.shape(x), dtype(x)) if _common.is_param(x)  # noqa: E731
-                           else None for x in leaves]
-    sums = lambda x: _common.accumulation_dtype(jnp.result_type(x))  # noqa: E731
-    counts = ((zeros(lambda x: cdtype), zeros(lambda x: cdtype))
-              if _needs_counts(merge, consensus) else (None, None))
-    return (zeros(sums), zeros(sums)) + counts
-
-
-def _ties_step(state, task_vector, alpha, *, density, scope, merge, consensus):
-    """Adds one task's trimmed (and ``alpha``-scaled) values to ``(P, N, #pos, #neg)``."""
-    pos, neg, pos_n, neg_n = state
+def _thresholds(task_vector, *, density, scope):
+    """The trim's thresholds of one task vector (:func:`_select.band_thresholds`)."""
     leaves, _ = _common.flatten(task_vector)
-    if density < 1.0:
-        leaves = _select.keep_masked(leaves, _select.band_masks(leaves, density, 0.0, scope))
+    return _select.band_thresholds(leaves, density, 0.0, scope)
+
+
+def _ties_merge(task_vectors, thresholds, alphas, base, scale, *, density, scope, merge,
+                consensus):
+    """Elects ``s`` (by mass or count) and returns the disjoint mean or sum, per leaf.
+
+    Per leaf and in task order: ``hat_t = alpha_t * where(trim mask_t, tau_t, 0)`` in at
+    least float32, ``P += max(hat_t, 0)``, ``N += min(hat_t, 0)`` and the counts of
+    positive and negative entries (``T < 256``: uint8); everything is elementwise, so
+    XLA fuses a leaf's whole computation over the ``T`` tasks into one pass.
+    """
+    task_leaves = [_common.flatten(tv)[0] for tv in task_vectors]
+    if thresholds is not None:
+        task_leaves = [_select.keep_masked(leaves, _select.band_masks_at(leaves, thr, scope))
+                       for leaves, thr in zip(task_leaves, thresholds)]
+    like, treedef = _common.flatten(task_vectors[0])
+    base_leaves = None if base is None else _common.flatten(base)[0]
     counted = _needs_counts(merge, consensus)
-    pos, neg = list(pos), list(neg)
-    if counted:
-        pos_n, neg_n = list(pos_n), list(neg_n)
-    for i, x in enumerate(leaves):
-        if pos[i] is None:
-            continue
-        if alpha is not None:
-            x = alpha.astype(pos[i].dtype) * x.astype(pos[i].dtype)
-        pos[i] = pos[i] + jnp.maximum(x, 0).astype(pos[i].dtype)
-        neg[i] = neg[i] + jnp.minimum(x, 0).astype(neg[i].dtype)
-        if counted:
-            pos_n[i] = pos_n[i] + (x > 0).astype(pos_n[i].dtype)
-            neg_n[i] = neg_n[i] + (x < 0).astype(neg_n[i].dtype)
-    return pos, neg, pos_n, neg_n
-
-
-def _ties_finish(state, like, *, merge, consensus="mass"):
-    """Elects ``s`` (by mass or count) and returns the disjoint mean or sum."""
-    pos, neg, pos_n, neg_n = state
-    leaves, treedef = _common.flatten(like)
+    cdtype = jnp.uint8 if len(task_vectors) < 256 else jnp.int32
     out = []
-    for i, x in enumerate(leaves):
-        if pos[i] is None:
-            out.append(None)
+    for i, x0 in enumerate(like):
+        if not _common.is_param(x0):
+            out.append(None if base_leaves is None else base_leaves[i])
             continue
-        p, q = pos[i], neg[i]
+        sdtype = _common.accumulation_dtype(jnp.result_type(x0))
+        pos = neg = jnp.zeros(jnp.shape(x0), sdtype)
+        pos_n = neg_n = jnp.zeros(jnp.shape(x0), cdtype) if counted else None
+        for t, leaves in enumerate(task_leaves):
+            x = leaves[i]
+            if alphas is not None:
+                x = alphas[t].astype(sdtype) * x.astype(sdtype)
+            pos = pos + jnp.maximum(x, 0).astype(sdtype)
+            neg = neg + jnp.minimum(x, 0).astype(sdtype)
+            if counted:
+                pos_n = pos_n + (x > 0).astype(cdtype)
+                neg_n = neg_n + (x < 0).astype(cdtype)
+        p, q = pos, neg
         if merge == "mean":
-            p = p / jnp.maximum(pos_n[i], 1).astype(p.dtype)
-            q = q / jnp.maximum(neg_n[i], 1).astype(q.dtype)
+            p = p / jnp.maximum(pos_n, 1).astype(p.dtype)
+            q = q / jnp.maximum(neg_n, 1).astype(q.dtype)
         if consensus == "mass":
-            elected = pos[i] + neg[i]
+            elected = pos + neg
             up, down = elected > 0, elected < 0
         else:    # compare the unsigned counts directly: no subtraction to wrap around
-            up, down = pos_n[i] > neg_n[i], pos_n[i] < neg_n[i]
+            up, down = pos_n > neg_n, pos_n < neg_n
         merged = jnp.where(up, p, jnp.where(down, q, jnp.zeros((), p.dtype)))
         # A NaN (or +Inf meeting -Inf) elects no sign; propagate it, never hide it.
-        merged = jnp.where(jnp.isnan(pos[i] + neg[i]), jnp.nan, merged)
-        out.append(merged.astype(x.dtype))
+        merged = jnp.where(jnp.isnan(pos + neg), jnp.nan, merged).astype(x0.dtype)
+        if base_leaves is not None:     # tvj.apply's formula, fused into the same pass
+            b = base_leaves[i]
+            merged = (b + (merged if scale is None else scale * merged)).astype(
+                jnp.result_type(b))
+        out.append(merged)
     return jax.tree.unflatten(treedef, out)
 
 
 _STATIC = ("density", "scope", "merge", "consensus")
-_ties_step_jit = jax.jit(_ties_step, static_argnames=_STATIC, donate_argnums=0)
-_ties_finish_jit = jax.jit(_ties_finish, static_argnames=("merge", "consensus"))
+_ties_merge_jit = jax.jit(_ties_merge, static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _ties_graph(task_vectors, alphas, *, density, scope, merge, consensus):
-    """All tasks in one program (the path taken under an outer ``jax.jit``)."""
-    state = _ties_init(task_vectors[0], len(task_vectors), merge, consensus)
-    items = [(tv, None if alphas is None else alphas[t]) for t, tv in enumerate(task_vectors)]
-    state = _common.fold_tasks(
-        lambda state, item: _ties_step(state, *item, density=density, scope=scope,
-                                       merge=merge, consensus=consensus), state, items)
-    return _ties_finish(state, task_vectors[0], merge=merge, consensus=consensus)
+def _ties_graph(task_vectors, alphas, base, scale, *, density, scope, merge, consensus):
+    """Ranking and merge in one program (the path taken under an outer ``jax.jit``)."""
+    thresholds = None
+    if density < 1.0:
+        thresholds = _common.map_tasks(
+            lambda tv: _thresholds(tv, density=density, scope=scope), task_vectors)
+    return _ties_merge(task_vectors, thresholds, alphas, base, scale, density=density,
+                       scope=scope, merge=merge, consensus=consensus)
 
 
 def ties(base: PyTree, task_vectors: Sequence[PyTree], *,
@@ -233,8 +244,11 @@ def ties(base: PyTree, task_vectors: Sequence[PyTree], *,
     """
     _common.flatten_tasks(task_vectors, base)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
+    density, scope = _check_options(task_vectors, density, scope, merge, consensus)
     options = dict(density=density, scope=scope, merge=merge, consensus=consensus)
     alpha = jnp.asarray(alpha)
+    # base + merged is fused into the merge's pass (tvj.apply's formula), so no merged
+    # task vector is stored besides the output.
     if alpha.ndim == 0:
-        return tv_lib.apply(base, ties_task_vector(task_vectors, **options), alpha)
-    return tv_lib.apply(base, ties_task_vector(task_vectors, alpha=alphas, **options))
+        return _ties(tuple(task_vectors), None, base, alpha, **options)
+    return _ties(tuple(task_vectors), alphas, base, None, **options)
