@@ -268,7 +268,8 @@ def run(quick: bool = False, methods=None) -> list[dict[str, Any]]:
                 results[(method, side)] = {"error": last[:200]}
                 continue
             results[(method, side)] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return summarize(results)
+    return summarize(results) + (della_ranking(quick) if "della" in (methods or METHODS)
+                                 else [])
 
 
 def summarize(results: dict) -> list[dict[str, Any]]:
@@ -309,6 +310,54 @@ def summarize(results: dict) -> list[dict[str, Any]]:
                     "target": f"<= T+3 = {t + 3}", "ok": peak <= t + 3,
                     "extra": {"torch_peak_models": tpeak}})
     return out
+
+
+def della_ranking(quick: bool = False) -> list[dict[str, Any]]:
+    """Where DELLA's time goes: ranking one weight's magnitudes per output, vs mergekit.
+
+    ``della_keep_probabilities`` of a ViT-B/32 MLP kernel (flax ``[3072, 768]``: 768
+    groups of 3072) against mergekit's ``della_magprune`` ranking
+    (``argsort(argsort(|W|, dim=1), dim=1)`` on the torch ``[768, 3072]`` weight), and
+    against the same ranking with a float-keyed ``jnp.argsort`` (the form before the
+    integer-keyed sort), all in one process, timed in alternation.
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from benchmarks.harness import ratio
+    from taskvec_jax import merging as M
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    shape = (768, 768) if quick else (3072, 768)
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    xj, xt = {"w": jnp.asarray(x)}, torch.from_numpy(x.T.copy())
+    ours = lambda: M.della_keep_probabilities(xj, density=0.5, epsilon=0.1)  # noqa: E731
+
+    @jax.jit
+    def float_keyed(v):       # the previous ranking: stable float argsort + one scatter
+        vt = v.T
+        order = jnp.argsort(jnp.abs(vt), axis=-1, stable=True)
+        rows = jnp.arange(vt.shape[0])[:, None]
+        n = vt.shape[1]
+        rank = jnp.zeros(vt.shape, jnp.int32).at[rows, order].set(
+            jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], vt.shape))
+        return 0.4 + rank.T.astype(v.dtype) * (0.2 / (n - 1))
+
+    def mergekit_rank():
+        return torch.argsort(xt.abs(), dim=1).argsort(dim=1).to(torch.float32) + 1
+
+    repeats = 3 if quick else 7
+    r, tj, tt = ratio(ours, mergekit_rank, repeats=repeats)
+    rf, tf, tj2 = ratio(lambda: float_keyed(xj["w"]), ours, repeats=repeats)
+    setting = (f"one flax [{shape[0]}, {shape[1]}] float32 kernel ({shape[1]} groups of "
+               f"{shape[0]}), torch CPU on the same machine")
+    return [{"name": "della ranking / mergekit's two argsorts (time)", "setting": setting,
+             "ratio": r, "target": "(informational)", "ok": None,
+             "extra": {"jax_s": tj.median, "torch_s": tt.median}},
+            {"name": "della ranking: float-keyed argsort / integer-keyed sort (time)",
+             "setting": setting + "; the speed-up of the integer keys", "ratio": rf,
+             "target": "(informational)", "ok": None,
+             "extra": {"float_keyed_s": tf.median, "integer_keyed_s": tj2.median}}]
 
 
 REFERENCES = {
