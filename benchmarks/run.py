@@ -24,7 +24,7 @@ SUITES = ("finetune", "theory", "merging", "merging_families", "parallel", "tang
           "data_aware", "data")
 
 
-def _collect(names, quick):
+def _collect(names, quick, methods=None):
     from benchmarks import (bench_data_aware, bench_finetune, bench_merging,
                             bench_merging_families, bench_parallel, bench_tangent, bench_theory)
     modules = {"finetune": bench_finetune, "theory": bench_theory, "merging": bench_merging,
@@ -36,7 +36,9 @@ def _collect(names, quick):
             continue  # benchmarks/bench_data.py prints its own table (see BENCHMARKS.md)
         t0 = time.time()
         print(f"== {name}", flush=True)
-        got = modules[name].run(quick=quick)
+        got = (modules[name].run(quick=quick, methods=methods)
+               if methods and name in ("merging", "merging_families")
+               else modules[name].run(quick=quick))
         for e in got:
             e["suite"] = name
             r = e.get("ratio")
@@ -129,19 +131,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", choices=SUITES, default=None)
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="only these methods of the merging suites")
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     args = parser.parse_args(argv)
     sys.path.insert(0, ROOT)
     from benchmarks.harness import machine
     names = args.only or [s for s in SUITES]
-    entries, seconds = _collect(names, args.quick)
+    entries, seconds = _collect(names, args.quick, args.methods)
     m = machine()
     results_dir = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(results_dir, exist_ok=True)
     path = os.path.join(results_dir, f"{m['platform']}.json")
     previous = json.load(open(path)) if os.path.exists(path) else {"entries": []}
     command = ("python -m benchmarks.run" + (" --quick" if args.quick else "")
-               + (f" --only {' '.join(names)}" if args.only else ""))
+               + (f" --only {' '.join(names)}" if args.only else "")
+               + (f" --methods {' '.join(args.methods)}" if args.methods else ""))
     with open(path, "w") as fh:
         json.dump(merge_results(previous, names, _serialize(entries), m, command,
                                 datetime.date.today().isoformat(), seconds), fh, indent=1)
