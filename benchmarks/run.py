@@ -20,30 +20,34 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-SUITES = ("finetune", "theory", "merging", "parallel", "tangent", "data_aware", "data")
+SUITES = ("finetune", "theory", "merging", "merging_families", "parallel", "tangent",
+          "data_aware", "data")
 
 
-def _collect(names, quick):
-    from benchmarks import (bench_data_aware, bench_finetune, bench_merging, bench_parallel,
-                            bench_tangent, bench_theory)
+def _collect(names, quick, methods=None):
+    from benchmarks import (bench_data_aware, bench_finetune, bench_merging,
+                            bench_merging_families, bench_parallel, bench_tangent, bench_theory)
     modules = {"finetune": bench_finetune, "theory": bench_theory, "merging": bench_merging,
-               "parallel": bench_parallel, "tangent": bench_tangent,
-               "data_aware": bench_data_aware}
-    entries = []
+               "merging_families": bench_merging_families, "parallel": bench_parallel,
+               "tangent": bench_tangent, "data_aware": bench_data_aware}
+    entries, seconds = [], {}
     for name in names:
         if name == "data":
             continue  # benchmarks/bench_data.py prints its own table (see BENCHMARKS.md)
         t0 = time.time()
         print(f"== {name}", flush=True)
-        got = modules[name].run(quick=quick)
+        got = (modules[name].run(quick=quick, methods=methods)
+               if methods and name in ("merging", "merging_families")
+               else modules[name].run(quick=quick))
         for e in got:
             e["suite"] = name
             r = e.get("ratio")
             print(f"   {e['name']}: {r.fmt() if r else 'n/a'}  target {e['target']}",
                   flush=True)
         entries += got
-        print(f"   ({time.time() - t0:.0f} s)", flush=True)
-    return entries
+        seconds[name] = round(time.time() - t0)
+        print(f"   ({seconds[name]} s)", flush=True)
+    return entries, seconds
 
 
 def _serialize(entries):
@@ -53,6 +57,47 @@ def _serialize(entries):
         out.append({**e, "ratio": None if r is None else
                     {"min": r.min, "median": r.median, "max": r.max}})
     return out
+
+
+def merge_results(previous: dict, names, entries: list, machine: dict, command: str,
+                  date: str, seconds: dict | None = None) -> dict:
+    """This run's suites replace theirs in ``previous``; every other suite is kept as is.
+
+    ``suites`` records, per suite, the command and date that produced its rows (a file
+    from before this field inherits the file's top-level ``command`` / ``date``), so a
+    partial ``--only`` run never claims the rows it did not produce.
+    """
+    provenance = dict(previous.get("suites") or {})
+    for e in previous.get("entries", []):
+        suite = e.get("suite")
+        if suite is not None and suite not in provenance:
+            provenance[suite] = {"command": previous.get("command", "?"),
+                                 "date": previous.get("date", "?")}
+    for name in names:
+        provenance[name] = {"command": command, "date": date,
+                            **({"seconds": seconds[name]} if seconds and name in seconds
+                               else {})}
+    kept = [e for e in previous.get("entries", []) if e.get("suite") not in names]
+    new = kept + list(entries)
+    present = {e.get("suite") for e in new}
+    return {"machine": machine, "date": date, "command": command,
+            "suites": {k: v for k, v in provenance.items() if k in present},
+            "entries": new}
+
+
+def _provenance(run: dict) -> str:
+    """"suites a, b: `command` (date); ..." in the order the suites' rows appear."""
+    suites = run.get("suites")
+    if not suites:
+        return f"{run['date']}, `{run['command']}`."
+    groups: dict = {}
+    for e in run["entries"]:
+        info = suites.get(e.get("suite"), {"command": run["command"], "date": run["date"]})
+        names = groups.setdefault((info["command"], info["date"]), [])
+        if e.get("suite") not in names:
+            names.append(e.get("suite"))
+    return "Rows of " + "; ".join(f"{', '.join(n)}: `{c}` ({d})"
+                                  for (c, d), n in groups.items()) + "."
 
 
 def render(results_dir: str, path: str) -> None:
@@ -65,8 +110,8 @@ def render(results_dir: str, path: str) -> None:
     for run in runs:
         m = run["machine"]
         lines += [f"## {m['platform'].upper()}: {m['device']} x{m['device_count']}", "",
-                  f"{run['date']}, `{run['command']}`, jax {m['jax']}, python {m['python']}, "
-                  f"{m['cores']} cores.", "",
+                  f"jax {m['jax']}, python {m['python']}, {m['cores']} cores. "
+                  + _provenance(run), "",
                   "| figure | setting | median (min - max) | target | met |",
                   "|---|---|---|---|---|"]
         for e in run["entries"]:
@@ -86,23 +131,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", choices=SUITES, default=None)
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="only these methods of the merging suites")
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     args = parser.parse_args(argv)
     sys.path.insert(0, ROOT)
     from benchmarks.harness import machine
     names = args.only or [s for s in SUITES]
-    entries = _collect(names, args.quick)
+    entries, seconds = _collect(names, args.quick, args.methods)
     m = machine()
     results_dir = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(results_dir, exist_ok=True)
     path = os.path.join(results_dir, f"{m['platform']}.json")
     previous = json.load(open(path)) if os.path.exists(path) else {"entries": []}
-    kept = [e for e in previous["entries"] if e.get("suite") not in names]
+    command = ("python -m benchmarks.run" + (" --quick" if args.quick else "")
+               + (f" --only {' '.join(names)}" if args.only else "")
+               + (f" --methods {' '.join(args.methods)}" if args.methods else ""))
     with open(path, "w") as fh:
-        json.dump({"machine": m, "date": datetime.date.today().isoformat(),
-                   "command": "python -m benchmarks.run" + (" --quick" if args.quick else "")
-                   + (f" --only {' '.join(names)}" if args.only else ""),
-                   "entries": kept + _serialize(entries)}, fh, indent=1)
+        json.dump(merge_results(previous, names, _serialize(entries), m, command,
+                                datetime.date.today().isoformat(), seconds), fh, indent=1)
     render(results_dir, args.out)
     print(f"wrote {args.out}")
     return 0

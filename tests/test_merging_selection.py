@@ -81,6 +81,22 @@ def test_della_keep_probabilities_rank_each_output_column():
     np.testing.assert_allclose(p["b"], [0.3 + 0.4 / 3, 0.7, 0.3 + 0.8 / 3, 0.3], **TOL)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_della_ranks_equal_magnitudes_by_position_and_inf_highest(dtype):
+    # The ranking sorts |x|'s integer bit pattern with the position: equal magnitudes of
+    # either sign (and -0 next to +0) rank by position, earlier lower, as a stable argsort.
+    col = np.array([2.0, -2.0, -0.0, 0.0, np.inf, 2.0, -1.5, 1e-30, -np.inf, 0.5])
+    x = np.stack([col, col[::-1]], axis=1)                     # flax [in=10, out=2]
+    p = M.della_keep_probabilities({"w": jnp.asarray(x, dtype)}, density=0.5,
+                                   epsilon=0.25)["w"]
+    assert p.dtype == dtype
+    for j in range(2):
+        rank = np.empty(10)
+        rank[np.argsort(np.abs(x[:, j]), kind="stable")] = np.arange(10)
+        np.testing.assert_allclose(np.asarray(p[:, j], np.float64),
+                                   0.25 + 0.5 * rank / 9, rtol=1e-6, atol=0)
+
+
 def test_della_prune_rescales_and_is_deterministic_per_key():
     x = {"w": rand(0, 30, 20)}
     key = jax.random.key(0)

@@ -322,8 +322,15 @@ def _probs(x, split, density, epsilon):
     else:
         # Groups as rows (XLA's CPU sort is faster along the last axis), then the inverse
         # permutation by one scatter (a second sort would cost as much as the first).
+        # The sort keys are the integer bit patterns of |v| (monotone in the magnitude for
+        # non-negative floats, NaN above inf as in argsort) paired with the position: the
+        # lexicographic (magnitude, position) order is the stable order, and XLA:CPU
+        # compares integers faster than floats (argsort's comparator handles NaN and -0).
         vt = v.T
-        order = jnp.argsort(jnp.abs(vt), axis=-1, stable=True)
+        bits = jnp.dtype(f"int{8 * vt.dtype.itemsize}")
+        mag = jax.lax.bitcast_convert_type(jnp.abs(vt), bits)
+        pos = jax.lax.broadcasted_iota(jnp.int32, vt.shape, 1)
+        _, order = jax.lax.sort((mag, pos), dimension=1, num_keys=2, is_stable=False)
         rows = jnp.arange(vt.shape[0])[:, None]
         rank = jnp.zeros(vt.shape, jnp.int32).at[rows, order].set(
             jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], vt.shape))
