@@ -352,7 +352,10 @@ def dominance_findings(dominance: dict) -> list[dict]:
         out.append({"claim": "First-epoch dominance in direction (minibatch): cos(g_1, g_e) "
                              "above 0.8 over the first five epochs.",
                     "verdict": (("Agrees" if min(d["mean_cos_to_first"]) > 0.8 else
-                                 "Does not hold here") +
+                                 "Does not hold here (at or below 0.8 for e = " +
+                                 ", ".join(str(i + 2) for i, c in
+                                           enumerate(d["mean_cos_to_first"]) if c <= 0.8)
+                                 + ")") +
                                 ": mean cos(g_1, g_e) for e = 2.. is " +
                                 ", ".join(f"{c:.2f}" for c in d["mean_cos_to_first"]) +
                                 f" (mean {cos:.2f}; the all-pairs mean is "
