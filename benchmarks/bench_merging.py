@@ -61,6 +61,27 @@ def reset_peak() -> None:
         pass
 
 
+def torch_inputs(shapes: dict, num_tasks: int, device: str = "cpu"):
+    """A random base and ``num_tasks`` task vectors (scale 1e-3) as torch tensors, generated
+    in place (no host temporaries that would inflate the RSS baseline)."""
+    import torch
+    base = {k: torch.randn(s, device=device) for k, s in shapes.items()}
+    taus = [{k: torch.randn(s, device=device).mul_(1e-3) for k, s in shapes.items()}
+            for _ in range(num_tasks)]
+    return base, taus
+
+
+def jax_inputs(shapes: dict, num_tasks: int):
+    """The JAX twin of :func:`torch_inputs` (one jitted draw per leaf, on the device)."""
+    import jax
+    key = jax.random.key(0)
+    normal = jax.jit(jax.random.normal, static_argnums=1)
+    base = {k: normal(jax.random.fold_in(key, i), s) for i, (k, s) in enumerate(shapes.items())}
+    taus = [{k: normal(jax.random.fold_in(key, 1000 * (t + 1) + i), s) * 1e-3
+             for i, (k, s) in enumerate(shapes.items())} for t in range(num_tasks)]
+    return base, taus
+
+
 def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, Any]:
     shapes = vit_b32_shapes(blocks)
     n_params = int(sum(np.prod(s) for s in shapes.values()))
@@ -71,10 +92,7 @@ def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         torch.manual_seed(0)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        # generated in place (no host temporaries that would inflate the RSS baseline)
-        base = {k: torch.randn(s, device=dev) for k, s in shapes.items()}
-        taus = [{k: torch.randn(s, device=dev).mul_(1e-3) for k, s in shapes.items()}
-                for _ in range(num_tasks)]
+        base, taus = torch_inputs(shapes, num_tasks, dev)
         fn = _torch_method(method, base, taus)
 
         def block(x):
@@ -84,12 +102,8 @@ def worker(method: str, num_tasks: int, blocks: int, repeats: int) -> dict[str, 
     else:
         import jax
         from taskvec_jax import merging
-        key = jax.random.key(0)
-        normal = jax.jit(jax.random.normal, static_argnums=1)
-        base = {k: normal(jax.random.fold_in(key, i), s)
-                for i, (k, s) in enumerate(shapes.items())}
-        taus = [{k: normal(jax.random.fold_in(key, 1000 * (t + 1) + i), s) * 1e-3
-                 for i, (k, s) in enumerate(shapes.items())} for t in range(num_tasks)]
+        base, taus = jax_inputs(shapes, num_tasks)
+        key = jax.random.key(0)  # DARE's drop key
         table = {
             "task_arithmetic": lambda: merging.task_arithmetic(base, taus, alpha=0.3),
             "ties_global": lambda: merging.ties(base, taus, density=0.2, alpha=1.0,

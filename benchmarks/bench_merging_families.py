@@ -51,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_merging import reset_peak, rss, vit_b32_shapes
+from benchmarks.bench_merging import (jax_inputs, reset_peak, rss, torch_inputs,
+                                      vit_b32_shapes)
 
 METHODS = ("iso_c", "iso_cts", "tsv", "magmax", "consensus", "della", "ties_count",
            "model_stock", "slerp")
@@ -211,19 +212,12 @@ def worker(method: str, side: str, num_tasks: int, blocks: int, repeats: int,
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         torch.set_grad_enabled(False)
         torch.manual_seed(0)
-        base = {k: torch.randn(s) for k, s in shapes.items()}
-        taus = [{k: torch.randn(s).mul_(1e-3) for k, s in shapes.items()}
-                for _ in range(num_tasks)]
+        base, taus = torch_inputs(shapes, num_tasks)
         fn = _torch_fn(method, base, taus)
         block = lambda x: x  # noqa: E731
     else:
         import jax
-        key = jax.random.key(0)
-        normal = jax.jit(jax.random.normal, static_argnums=1)
-        base = {k: normal(jax.random.fold_in(key, i), s)
-                for i, (k, s) in enumerate(shapes.items())}
-        taus = [{k: normal(jax.random.fold_in(key, 1000 * (t + 1) + i), s) * 1e-3
-                 for i, (k, s) in enumerate(shapes.items())} for t in range(num_tasks)]
+        base, taus = jax_inputs(shapes, num_tasks)
         fn = _jax_fn(method, base, taus)
         block = jax.block_until_ready
     inputs_rss = rss("VmRSS")

@@ -82,8 +82,9 @@ def test_mismatched_trees_name_the_task_and_path():
 
 
 def test_breadcrumbs_memory_does_not_grow_with_the_number_of_tasks():
-    # Under an outer jit the tasks run in a fori_loop: temporaries are the same for 2 and
-    # 8 tasks (the compiled program's memory_analysis, CPU).
+    # Under an outer jit the tasks run in a loop: temporaries are the same for 2 and 8
+    # tasks up to the stacked per-task thresholds (the compiled program's memory_analysis,
+    # CPU); one model-sized buffer per task would exceed the bound.
     base = {"w": jnp.zeros((500, 400), jnp.float32), "b": jnp.zeros(100_000, jnp.float32)}
     model_bytes = 300_000 * 4
     temps = {}
