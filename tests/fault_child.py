@@ -123,13 +123,13 @@ def finetune_run(directory: str, progress: str, num_epochs: int, seed: int,
     epoch = [0]
     _durable.crash_point = _slow_hook(progress, seed, max_pause,
                                       label=lambda: f" epoch {epoch[0]}")
-    orig_save = checkpoint.save
+    orig_save = resumable.save  # the name resumable_finetune calls
 
     def save(path, tree, **kw):
         epoch[0] = kw["metadata"]["epoch"]
         return orig_save(path, tree, **kw)
 
-    checkpoint.save = save
+    resumable.save = save
     state, losses = resumable.resumable_finetune(
         loss_fn, params, batches, optax.adam(5e-2), num_epochs, directory, save_every=1,
         batch_size=8, key=jax.random.key(3))

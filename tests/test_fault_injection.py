@@ -2,9 +2,11 @@
 
 One zygote child (tests/fault_child.py) imports JAX, orbax and the library once and forks a
 worker per trial, so a trial costs a fork, not a JAX import. Kill moments are drawn from a
-seeded generator; the workers pause a seeded random time at each critical step (staging
-written, flushed, committed by rename, old versions pruned; dataset prepared, moved away,
-swapped in) so kills land between renames. Each test prints its trials, kills landed
+seeded generator, counted in the worker's own progress lines (the n-th line, then a short
+random delay) so that where kills land does not depend on the machine's speed or load; the
+workers pause a seeded random time at each critical step (staging written, flushed,
+committed by rename, old versions pruned; dataset prepared, moved away, swapped in) so
+kills land between renames. Each test prints its trials, kills landed
 (by the step they interrupted) and losses, and asserts no loss.
 """
 
@@ -108,6 +110,16 @@ def _wait_for(progress, prefix: str, timeout: float = 60) -> None:
         time.sleep(0.005)
 
 
+def _wait_for_lines(progress, n: int, timeout: float = 60) -> None:
+    """Waits until ``progress`` holds ``n`` lines: a kill moment counted in the worker's own
+    steps, so where kills land does not depend on how fast (or loaded) the machine is."""
+    deadline = time.monotonic() + timeout
+    while len(_lines(progress)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {n} lines in {progress}: {_lines(progress)[-5:]}")
+        time.sleep(0.002)
+
+
 def _killed(status: int) -> bool:
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
@@ -146,8 +158,8 @@ def test_sigkill_at_random_moments_of_saves_never_loses_the_checkpoint(zygote, t
         (pid,) = zygote.start(("save_loop", {"path": path, "progress": progress,
                                              "start": next_i, "seed": trial,
                                              "max_pause": 0.02}))
-        _wait_for(progress, "ready")
-        time.sleep(rng.uniform(0.0, 0.5))
+        _wait_for_lines(progress, int(rng.integers(2, 20)))  # "ready" is line 1
+        time.sleep(rng.uniform(0.0, 0.02))
         os.kill(pid, signal.SIGKILL)
         (status,) = zygote.wait()
         lines = _lines(progress)
@@ -222,8 +234,8 @@ def test_sigkilled_resumable_finetune_ends_bit_for_bit_where_a_straight_run_ends
         (pid,) = zygote.start(("finetune_run", {"directory": run, "progress": progress,
                                                 "num_epochs": num_epochs, "seed": trial,
                                                 "max_pause": 0.03}))
-        _wait_for(progress, "stage")  # compiled, first save under way
-        time.sleep(rng.uniform(0.0, 0.25))
+        _wait_for_lines(progress, int(rng.integers(1, 9)))  # compiled, saves under way
+        time.sleep(rng.uniform(0.0, 0.03))
         os.kill(pid, signal.SIGKILL)
         (status,) = zygote.wait()
         trials += 1
@@ -289,8 +301,8 @@ def test_sigkilled_folder_import_leaves_the_old_dataset_or_none(zygote, tmp_path
         (pid,) = zygote.start(("import_loop", {"folders": folders, "data_dir": data_dir,
                                                "progress": progress, "start": next_i,
                                                "seed": trial, "max_pause": 0.05}))
-        _wait_for(progress, "ready")
-        time.sleep(rng.uniform(0.0, 0.6))
+        _wait_for_lines(progress, int(rng.integers(2, 14)))  # "ready" is line 1
+        time.sleep(rng.uniform(0.0, 0.05))
         os.kill(pid, signal.SIGKILL)
         (status,) = zygote.wait()
         lines = _lines(progress)
