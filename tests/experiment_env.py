@@ -13,7 +13,11 @@ experiment and notebook processes, which run on one device. What it sets, and wh
   observe except by comparing a jitted program with its eager twin bit for bit (XLA makes no
   such promise: tests compare bit for bit within one evaluation mode). Bit-for-bit tests
   compare two runs of one program. ``TVJ_TEST_FAST_COMPILE=0`` keeps XLA's default
-  optimization.
+  optimization. Not used: ``--xla_cpu_use_fusion_emitters=false`` (jaxlib 0.10.2) halves
+  compilation again (tests/test_theory.py: 15-17 s of compiling instead of 35-39 s), but
+  with it the 256-configuration sweep of tests/test_theory_bound.py deadlocks (every
+  thread idle, the host waiting on the result; 128 configurations finish) and one suite
+  run segfaulted in JAX's compilation-cache write.
 - **One persistent compilation cache per test run**, shared by all these processes:
   ``TVJ_TEST_CACHE_DIR`` when set (scripts/test.sh makes a fresh one per run, so a run's
   time is a cold run's), else ``results/.jax_test_cache`` (git-ignored). Every program is
