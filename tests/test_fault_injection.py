@@ -102,14 +102,6 @@ def _lines(progress) -> list[str]:
         return [line.rstrip("\n") for line in fh if line.endswith("\n")]
 
 
-def _wait_for(progress, prefix: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(line.startswith(prefix) for line in _lines(progress)):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {prefix!r} in {progress}: {_lines(progress)[-5:]}")
-        time.sleep(0.005)
-
-
 def _wait_for_lines(progress, n: int, timeout: float = 60) -> None:
     """Waits until ``progress`` holds ``n`` lines: a kill moment counted in the worker's own
     steps, so where kills land does not depend on how fast (or loaded) the machine is."""

@@ -282,7 +282,7 @@ def check_finite(trees: Sequence[PyTree], *, what: str = "task vector",
     for t, (tree, flag) in enumerate(zip(trees, flags)):
         if not np.isnan(flag).any():
             continue
-        count = np.asarray(jax.device_get(_nonfinite_counts(tree)))
+        count = jax.device_get(_nonfinite_counts(tree))
         paths = [p for p, x in zip(leaf_paths(tree), flatten(tree)[0]) if is_param(x)]
         leaves = [x for x in flatten(tree)[0] if is_param(x)]
         i = int(np.flatnonzero(count.sum(axis=1))[0])
