@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+# Imports write their bytecode once (setup.sh does not precompile), even where the caller's
+# environment says not to.
+unset PYTHONDONTWRITEBYTECODE
 exec .venv/bin/python -m experiments.reproduce "$@"

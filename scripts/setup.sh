@@ -21,8 +21,9 @@ for dir in ${PIP_FIND_LINKS:-} /opt/wheels; do
   [ -d "$dir" ] && links+=(--find-links "$dir")
 done
 if [ -x "$venv/bin/uv" ]; then
-  VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q --compile-bytecode "${links[@]}" \
-    -e ".[$extras]" >&2
+  # No --compile-bytecode: precompiling every module (all of torch's) takes longer than
+  # the first import compiling the few it uses (scripts/test.sh: 26 s against about 5).
+  VIRTUAL_ENV="$venv" "$venv/bin/uv" pip install -q "${links[@]}" -e ".[$extras]" >&2
 else
   "$venv/bin/python" -m pip install -q -e ".[$extras]" >&2
 fi

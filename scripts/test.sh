@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,notebooks,parity
+# Imports write their bytecode once (setup.sh does not precompile), even where the caller's
+# environment says not to.
+unset PYTHONDONTWRITEBYTECODE
 # One JAX compilation cache for every process of this run (xdist workers, the sharded
 # process, experiment subprocesses, notebook kernels), fresh each run: see
 # tests/experiment_env.py.

@@ -17,7 +17,11 @@ from tests.helpers import json_numbers
 def quick_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reproduce")
     env = subprocess_env()
+    # progress bars off: programs with host callbacks never reach JAX's persistent
+    # compilation cache, and without them notebooks 02 and 03 (the same finetunes) reuse
+    # this run's programs (the bars are the engine's, tested in tests/test_finetune.py)
     proc = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--quick",
+                           "--config.finetune.progress=False",
                            "--workdir", str(workdir)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -58,7 +58,11 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
         # decoupled weight decay (adamw only), global-norm clipping (None: off), and a
         # "constant" or "cosine" learning rate after warmup_steps of linear warmup
         weight_decay=0.1, clip_norm=FieldReference(10.0, field_type=float),
-        schedule="constant", warmup_steps=0))
+        schedule="constant", warmup_steps=0,
+        # tqdm bars over the finetunes. Off in the test suite and the notebooks' quick
+        # runs: JAX never writes programs with host callbacks to its persistent
+        # compilation cache, so only bar-less programs are shared between processes
+        progress=True))
     # ---- Theorem 1 on this model: lrs for the eta^2 law, epochs k = 1..theorem_epochs
     c.theorem = ml_collections.ConfigDict(dict(
         lrs=(0.004, 0.002, 0.001, 0.0005), epochs=3, alpha=0.5, num_tasks=3))

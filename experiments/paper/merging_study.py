@@ -374,7 +374,7 @@ def multitask_reference(setup, mode: str) -> tuple[dict, tvj.Trajectory]:
     if mode == "full_batch":
         traj = tvj.multitask_finetune(setup.loss_fn, setup.base, setup.train,
                                       optax.sgd(f.full_batch_lr), f.full_batch_epochs,
-                                      keep_epochs="all", progress=True)
+                                      keep_epochs="all", progress=f.progress)
     else:
         # each multitask step takes batch_size examples from every task
         n = max(int(d["label"].shape[0]) for d in setup.train)
@@ -384,7 +384,7 @@ def multitask_reference(setup, mode: str) -> tuple[dict, tvj.Trajectory]:
                                       opt, f.minibatch_epochs,
                                       batch_size=f.batch_size,
                                       key=jax.random.key(setup.config.seed + 7),
-                                      keep_epochs="all", progress=True)
+                                      keep_epochs="all", progress=f.progress)
     test = _accuracies(setup, traj.final_params, setup.test)
     return {"test_accuracy": test.tolist(), "avg_accuracy": float(test.mean())}, traj
 

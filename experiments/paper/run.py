@@ -23,7 +23,7 @@ def finetune_all(setup):
         f"(lr {f.full_batch_lr})")
     full = tvj.finetune_tasks(setup.loss_fn, setup.base, setup.train,
                               optax.sgd(f.full_batch_lr), f.full_batch_epochs,
-                              keep_epochs="all", record_gradients=True, progress=True)
+                              keep_epochs="all", record_gradients=True, progress=f.progress)
     log(f"finetuning {len(setup.train)} tasks: minibatch {f.minibatch_optimizer}, "
         f"{f.minibatch_epochs} epochs (lr {f.minibatch_lr}, batch {f.batch_size})")
     # one schedule length for every task: the largest task's number of steps
@@ -33,7 +33,7 @@ def finetune_all(setup):
                               f.minibatch_epochs,
                               batch_size=f.batch_size,
                               key=jax.random.key(setup.config.seed + 3),
-                              keep_epochs="all", record_gradients=True, progress=True)
+                              keep_epochs="all", record_gradients=True, progress=f.progress)
     return {"full_batch": full, "minibatch": mini}
 
 

@@ -174,7 +174,11 @@ def pretrain_base(cfg, source: dict, workdir: str, dtype) -> tuple[PyTree, Any, 
         with open(meta_path) as f:
             if json.load(f) == json.loads(json.dumps(meta)):
                 log(f"reusing the cached base model {path}")
-                return tvj.checkpoint.restore(path, like=init), enc, strip
+                # restored arrays are committed to their device, freshly trained ones are
+                # not, and jit compiles (and caches) a program per kind: the host round
+                # trip makes a re-run compile exactly the programs of a first run
+                base = tvj.checkpoint.restore(path, like=init)
+                return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), base), enc, strip
     p = cfg.pretrain
     log(f"pretraining the base model on {train['image'].shape[0]} source examples "
         f"({p.epochs} epochs of Adam, batch {p.batch_size})")
