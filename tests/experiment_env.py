@@ -16,8 +16,10 @@ experiment and notebook processes, which run on one device. What it sets, and wh
   optimization. Not used: ``--xla_cpu_use_fusion_emitters=false`` (jaxlib 0.10.2) halves
   compilation again (tests/test_theory.py: 15-17 s of compiling instead of 35-39 s), but
   with it the 256-configuration sweep of tests/test_theory_bound.py deadlocks (every
-  thread idle, the host waiting on the result; 128 configurations finish) and one suite
-  run segfaulted in JAX's compilation-cache write.
+  thread idle, the host waiting on the result; 128 configurations finish), and both
+  whole-suite runs under it segfaulted in JAX's compilation-cache write (serializing a
+  selection program of tests/test_merging_select.py); the second also ran slower overall
+  (past 14 minutes against about 10: programs run unfused).
 - **One persistent compilation cache per test run**, shared by all these processes:
   ``TVJ_TEST_CACHE_DIR`` when set (scripts/test.sh makes a fresh one per run, so a run's
   time is a cold run's), else ``results/.jax_test_cache`` (git-ignored). Every program is
