@@ -28,3 +28,6 @@ def test_readme_holds_one_suite_time_block():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert readme.count(mod.BEGIN) == 1 and readme.count(mod.END) == 1
     assert readme.index(mod.BEGIN) < readme.index(mod.END)
+    block = readme.split(mod.BEGIN, 1)[1].split(mod.END, 1)[0]
+    assert " passed" in block and " min " in block and "scripts/time_suite.py" in block, \
+        "README's suite-time block is empty: run python scripts/time_suite.py"
