@@ -129,21 +129,27 @@ def test_atm_rejects_nan_params():
         M.atm(loss, {"w": jnp.zeros(3).at[1].set(jnp.nan)}, data, optax.sgd(0.1), 1)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64,
+                                   jnp.complex64, jnp.complex128])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_the_cheap_test_finds_one_bad_entry_in_every_float_dtype(dtype, value):
     """The one-pass flag (sum(x * 0)) fires for a single NaN/Inf entry, in every float
-    dtype, and not for finite entries at the dtype's extremes; the message then counts
-    exactly (1 NaN or 1 Inf, at the leaf and task it names)."""
+    dtype (complex ones in either part), and not for finite entries at the dtype's
+    extremes; the message then counts exactly (1 NaN or 1 Inf, at the leaf and task it
+    names)."""
     from taskvec_jax.merging import _common
     big = float(jnp.finfo(dtype).max)
     finite = {"a": {"w": jnp.array([[big, -big, 1e-30, -0.0]] * 3, dtype)},
               "b": jnp.ones(5, dtype)}
-    bad = {"a": finite["a"], "b": finite["b"].at[3].set(value)}
-    assert not np.isnan(np.asarray(_common._nonfinite_flags(finite))).any()
-    assert np.isnan(np.asarray(_common._nonfinite_flags(bad))).tolist() == [False, True]
-    _common.check_finite([finite, finite])     # finite trees pass
+    entries = [value]
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        entries.append(complex(1.0, value))     # non-finite in the imaginary part only
     nan, inf = (1, 0) if np.isnan(value) else (0, 1)
-    with pytest.raises(ValueError, match=rf"^task vector 1: leaf 'b' \(shape \(5,\)\) holds "
-                                         rf"{nan} NaN and {inf} Inf values"):
-        _common.check_finite([finite, bad])
+    for entry in entries:
+        bad = {"a": finite["a"], "b": finite["b"].at[3].set(entry)}
+        assert not np.isnan(np.asarray(_common._nonfinite_flags(finite))).any()
+        assert np.isnan(np.asarray(_common._nonfinite_flags(bad))).tolist() == [False, True]
+        _common.check_finite([finite, finite])     # finite trees pass
+        with pytest.raises(ValueError, match=rf"^task vector 1: leaf 'b' \(shape \(5,\)\) "
+                                             rf"holds {nan} NaN and {inf} Inf values"):
+            _common.check_finite([finite, bad])
