@@ -59,13 +59,22 @@ def _serialize(entries):
     return out
 
 
+def _method(entry: dict) -> str:
+    """The method a row measures: its name up to the first colon (``"dare: time / ..."``)."""
+    return entry["name"].split(":")[0]
+
+
 def merge_results(previous: dict, names, entries: list, machine: dict, command: str,
-                  date: str, seconds: dict | None = None) -> dict:
+                  date: str, seconds: dict | None = None, methods=None) -> dict:
     """This run's suites replace theirs in ``previous``; every other suite is kept as is.
 
     ``suites`` records, per suite, the command and date that produced its rows (a file
     from before this field inherits the file's top-level ``command`` / ``date``), so a
     partial ``--only`` run never claims the rows it did not produce.
+
+    With ``methods`` (``--methods``), only the rows of the methods this run measured are
+    replaced, in place; the suite's other rows and its provenance are kept, and each new
+    row carries its own ``provenance``.
     """
     provenance = dict(previous.get("suites") or {})
     for e in previous.get("entries", []):
@@ -73,12 +82,27 @@ def merge_results(previous: dict, names, entries: list, machine: dict, command: 
         if suite is not None and suite not in provenance:
             provenance[suite] = {"command": previous.get("command", "?"),
                                  "date": previous.get("date", "?")}
-    for name in names:
-        provenance[name] = {"command": command, "date": date,
-                            **({"seconds": seconds[name]} if seconds and name in seconds
-                               else {})}
-    kept = [e for e in previous.get("entries", []) if e.get("suite") not in names]
-    new = kept + list(entries)
+    stamp = {"command": command, "date": date}
+    if methods:
+        fresh = [{**e, "provenance": dict(stamp)} for e in entries]
+        redone = {(e.get("suite"), _method(e)) for e in fresh}
+        new, placed = [], set()
+        for e in previous.get("entries", []):
+            key = (e.get("suite"), _method(e))
+            if key not in redone:
+                new.append(e)
+            elif key not in placed:
+                placed.add(key)
+                new += [f for f in fresh if (f.get("suite"), _method(f)) == key]
+        new += [f for f in fresh if (f.get("suite"), _method(f)) not in placed]
+        for name in names:
+            provenance.setdefault(name, dict(stamp))
+    else:
+        for name in names:
+            provenance[name] = {**stamp, **({"seconds": seconds[name]}
+                                            if seconds and name in seconds else {})}
+        kept = [e for e in previous.get("entries", []) if e.get("suite") not in names]
+        new = kept + list(entries)
     present = {e.get("suite") for e in new}
     return {"machine": machine, "date": date, "command": command,
             "suites": {k: v for k, v in provenance.items() if k in present},
@@ -92,10 +116,13 @@ def _provenance(run: dict) -> str:
         return f"{run['date']}, `{run['command']}`."
     groups: dict = {}
     for e in run["entries"]:
-        info = suites.get(e.get("suite"), {"command": run["command"], "date": run["date"]})
+        own = e.get("provenance")
+        info = own or suites.get(e.get("suite"), {"command": run["command"],
+                                                  "date": run["date"]})
+        label = f"{e.get('suite')} ({_method(e)})" if own else e.get("suite")
         names = groups.setdefault((info["command"], info["date"]), [])
-        if e.get("suite") not in names:
-            names.append(e.get("suite"))
+        if label not in names:
+            names.append(label)
     return "Rows of " + "; ".join(f"{', '.join(n)}: `{c}` ({d})"
                                   for (c, d), n in groups.items()) + "."
 
@@ -149,7 +176,8 @@ def main(argv=None) -> int:
                + (f" --methods {' '.join(args.methods)}" if args.methods else ""))
     with open(path, "w") as fh:
         json.dump(merge_results(previous, names, _serialize(entries), m, command,
-                                datetime.date.today().isoformat(), seconds), fh, indent=1)
+                                datetime.date.today().isoformat(), seconds, args.methods),
+                  fh, indent=1)
     render(results_dir, args.out)
     print(f"wrote {args.out}")
     return 0

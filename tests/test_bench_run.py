@@ -37,6 +37,28 @@ def test_partial_run_keeps_other_suites_and_records_each_suites_command():
     assert [e["name"] for e in again["entries"]] == ["h1", "t-new", "m2"]
 
 
+def test_methods_run_replaces_only_its_methods_rows_in_place():
+    old = {"machine": MACHINE, "date": "2026-11-23", "command": "python -m benchmarks.run",
+           "entries": [row("merging", "ta: time"), row("merging", "dare: time", 1.2),
+                       row("merging", "dare: memory"), row("merging", "ties: time"),
+                       row("theory", "h1")]}
+    cmd = "python -m benchmarks.run --only merging --methods dare torch_dare"
+    new = bench_run.merge_results(old, ["merging"], [row("merging", "dare: time", 0.8),
+                                                     row("merging", "dare: memory", 0.5)],
+                                  MACHINE, cmd, "2026-12-01", {"merging": 9},
+                                  methods=["dare", "torch_dare"])
+    assert [(e["name"], e["ratio"]["median"]) for e in new["entries"]] == [
+        ("ta: time", 1.0), ("dare: time", 0.8), ("dare: memory", 0.5), ("ties: time", 1.0),
+        ("h1", 1.0)]
+    # the suite keeps the provenance of its other rows; the new rows carry their own
+    assert new["suites"]["merging"] == {"command": "python -m benchmarks.run",
+                                        "date": "2026-11-23"}
+    assert new["entries"][1]["provenance"] == {"command": cmd, "date": "2026-12-01"}
+    assert bench_run._provenance(new) == (
+        "Rows of merging, theory: `python -m benchmarks.run` (2026-11-23); "
+        f"merging (dare): `{cmd}` (2026-12-01).")
+
+
 def test_render_writes_every_row_with_its_provenance(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

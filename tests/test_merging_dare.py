@@ -40,6 +40,47 @@ def test_dare_survivors_are_exactly_input_over_keep_rate(p, dtype):
     np.testing.assert_array_equal(np.asarray(unscaled) != 0, kept)
 
 
+def _threefry2x32(k0, k1, x0, x1):
+    """Threefry-2x32 with 20 rounds (Salmon et al., SC 2011), in numpy uint32."""
+    def rotl(v, r):
+        return (v << np.uint32(r)) | (v >> np.uint32(32 - r))
+    ks = [np.uint32(k0), np.uint32(k1), np.uint32(k0) ^ np.uint32(k1) ^ np.uint32(0x1BD11BDA)]
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
+            x0 = x0 + x1
+            x1 = rotl(x1, r) ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (64,), (3, 1, 4)])
+@pytest.mark.parametrize("q", [0.1, 0.5, 1.0])
+def test_keep_mask_uses_both_words_of_each_threefry_hash(shape, q):
+    # Counter j = (0, j) hashes to words (w1_j, w2_j): entry j of the flattened shape is
+    # w1_j, entry j + ceil(n / 2) is w2_j; kept iff the top 24 bits / 2**24 < q.
+    from taskvec_jax.merging.drop_and_rescale import _keep_mask
+    key = jax.random.key(11)
+    n = math.prod(shape)
+    m = (n + 1) // 2
+    k0, k1 = np.asarray(jax.random.key_data(key))
+    with np.errstate(over="ignore"):
+        w1, w2 = _threefry2x32(k0, k1, np.zeros(m, np.uint32), np.arange(m, dtype=np.uint32))
+    words = np.concatenate([w1, w2])[:n]
+    ref = ((words >> 8).astype(np.float64) * 2.0 ** -24 < q).reshape(shape)
+    for k in (key, jax.random.key_data(key)):          # typed and raw keys
+        np.testing.assert_array_equal(np.asarray(_keep_mask(k, q, shape)), ref)
+        np.testing.assert_array_equal(np.asarray(jax.jit(_keep_mask, static_argnums=2)(
+            k, q, shape)), ref)
+    if q == 1.0:
+        assert ref.all()
+    # other key implementations draw with jax.random.bernoulli
+    rbg = jax.random.key(11, impl="rbg")
+    np.testing.assert_array_equal(np.asarray(_keep_mask(rbg, q, shape)),
+                                  np.asarray(jax.random.bernoulli(rbg, q, shape)))
+
+
 def test_dare_mean_over_keys_converges_to_the_input():
     p, num_keys = 0.6, 4000
     x = jnp.asarray(np.random.default_rng(4).normal(size=64))
