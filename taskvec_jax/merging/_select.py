@@ -208,12 +208,22 @@ def _bisect_kth(views, k, dtype, per_row, n, udtype, cdtype, shape, offsets):
     def count(pred):
         # Bits and positions are recomputed inside every pass rather than stored, so
         # that where XLA fuses a reduction with its input no model-sized copy exists.
+        # A row's count sums 0/1 in float32 when the row has < 2**24 entries (every
+        # partial sum is then an integer below 2**24, exact in any order): XLA:CPU
+        # vectorizes that reduction better than an int32 one (0.82 against 1.25 ns per
+        # entry and pass on [24576, 768] float32; the row scope's thresholds of a
+        # ViT-B/32-sized tree, one selection: 1.08-1.14 s against 1.33-1.37 s).
         total = None
         for v, offset in zip(views, offsets):
             u = magnitude_bits(v, dtype)
             pos = lax.broadcasted_iota(cdtype, v.shape, 1) + offset
-            c = (jnp.sum(pred(u, pos), axis=-1, keepdims=True, dtype=cdtype) if per_row
-                 else jnp.sum(pred(u, pos), dtype=cdtype))
+            if per_row and v.shape[-1] < 2**24:
+                c = jnp.sum(pred(u, pos).astype(jnp.float32), axis=-1,
+                            keepdims=True).astype(cdtype)
+            elif per_row:
+                c = jnp.sum(pred(u, pos), axis=-1, keepdims=True, dtype=cdtype)
+            else:
+                c = jnp.sum(pred(u, pos), dtype=cdtype)
             total = c if total is None else total + c
         return jnp.reshape(total, shape)
 
