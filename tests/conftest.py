@@ -47,9 +47,12 @@ collect_ignore = ["test_sharded_subprocess.py"] if DEVICES else ["test_sharded.p
 # two workers finish together (the longest file last would bound the wall time). Not
 # `--dist loadgroup` with a group per file: pytest-xdist 3.8 then tears module-scoped
 # fixtures down between the tests of a group, so the quick reproduction and the tangent
-# experiment each ran twice. The sharded process starts first: it is the longest.
+# experiment each ran twice. The sharded process starts first: it is the longest. The
+# notebooks start second: tests/test_theorem_experiment.py and test_tangent_experiment.py
+# check notebooks 01 and 04's runs (tests/notebook_runs.py), and as they sort late they
+# find them done instead of waiting on them.
 SLOWEST_FIRST = ("test_sharded_subprocess.py", "test_notebooks.py", "test_reproduce.py",
-                 "test_theorem_experiment.py", "test_theory_bound.py", "test_theory.py",
+                 "test_theory_bound.py", "test_theory.py",
                  "test_models.py", "test_heads.py", "test_hessian.py", "test_finetune.py")
 
 

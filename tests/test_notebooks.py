@@ -1,15 +1,11 @@
-"""Every notebook executes top to bottom, headless, on the embedded suite (small sizes)."""
+"""Every notebook executes top to bottom, headless, on the embedded suite (small sizes).
 
-import os
-import pathlib
+The execution itself is tests/notebook_runs.py's (once per session: the experiment tests
+check notebooks 01 and 04's runs of their experiments)."""
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
-from tests.experiment_env import subprocess_env
-
-NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+from tests.notebook_runs import NOTEBOOKS, executed
 
 
 def test_the_four_notebooks_exist():
@@ -18,24 +14,8 @@ def test_the_four_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_is_stripped_and_executes(path, tmp_path, monkeypatch):
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, \
-                f"{path.name}: outputs must be stripped in git"
-    # one device per kernel (the fake 8-device XLA flag of the test process is not needed),
-    # Agg, and the compilation cache the experiment tests share
-    for name, value in subprocess_env(TASKVEC_NOTEBOOK_QUICK="1").items():
-        if os.environ.get(name) != value:
-            monkeypatch.setenv(name, value)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
-    client.execute()  # raises CellExecutionError on any failing cell
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.output_type == "error"]
-    assert not errors
+def test_notebook_is_stripped_and_executes(path, tmp_path_factory):
+    workdir = executed(path.stem, tmp_path_factory)
     # figures were written where the notebook says
-    workdir = path.parent.parent / "results" / f"notebook_{path.stem}"
     if path.stem != "01_theorem":
         assert any((workdir / "figures").glob("*.png"))

@@ -9,14 +9,30 @@ import pytest
 
 from experiments import tangent
 from tests.helpers import json_numbers
+from tests.notebook_runs import executed
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("tangent"))
-    tangent.main(["--quick", "--workdir", workdir])
+    """The session's one quick run: notebook 04 runs exactly
+    ``tangent.run(get_config("quick"), workdir)`` (tests/notebook_runs.py)."""
+    workdir = str(executed("04_tangent", tmp_path_factory))
     with open(os.path.join(workdir, "results.json")) as f:
         return workdir, json.load(f)
+
+
+def test_command_line_runs_the_config_it_names_into_the_workdir(monkeypatch):
+    # experiments.tangent's own lines (the run itself is checked below, on notebook 04's)
+    from experiments.configs.tangent import get_config
+    from experiments.paper import tangent as paper_tangent
+    calls = []
+    monkeypatch.setattr(paper_tangent, "run",
+                        lambda config, workdir: calls.append((config, workdir)) or {})
+    tangent.main(["--quick", "--workdir", "/tmp/w"])
+    tangent.main([])
+    assert [(c.to_dict(), w) for c, w in calls] == [
+        (get_config("quick").to_dict(), "/tmp/w"),
+        (get_config("default").to_dict(), tangent.DEFAULT_WORKDIR)]
 
 
 def test_results_are_finite_and_figures_and_report_exist(run):

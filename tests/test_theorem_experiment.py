@@ -4,13 +4,10 @@ import json
 import math
 import os
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from tests.experiment_env import ROOT, subprocess_env
+from tests.notebook_runs import executed
 
 
 def _all_numbers(x):
@@ -26,15 +23,32 @@ def _all_numbers(x):
 
 @pytest.fixture(scope="module")
 def quick_workdir(tmp_path_factory):
-    """The one quick run of the experiment, through its command line (in its own process,
-    so it shares compiled programs with notebook 01 through the compilation cache)."""
-    workdir = str(tmp_path_factory.mktemp("theorem") / "theorem")
-    proc = subprocess.run([sys.executable, "-m", "experiments.theorem", "--quick",
-                           "--workdir", workdir], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[theorem] wrote" in proc.stdout
-    return workdir
+    """The session's one quick run of the experiment: notebook 01 runs exactly
+    ``numerics.run(get_config("quick"), workdir)`` (tests/notebook_runs.py)."""
+    return str(executed("01_theorem", tmp_path_factory))
+
+
+def test_command_line_runs_the_config_it_names_into_the_workdir(monkeypatch, tmp_path,
+                                                               capsys):
+    # experiments.theorem's own lines (the run itself is checked below, on notebook 01's)
+    from experiments import theorem
+    from experiments.configs.theorem import get_config
+    from experiments.paper import numerics
+    calls = []
+
+    def fake_run(config, workdir):
+        calls.append((config, workdir))
+        return {"figures": ["a.png"], "wall_time_s": 1.0}
+
+    monkeypatch.setattr(numerics, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    theorem.main(["--quick", "--workdir", "out", "--config.alpha=0.25"])
+    ((config, workdir),) = calls
+    expected = get_config("quick")
+    expected.alpha = 0.25
+    assert config.to_dict() == expected.to_dict()
+    assert workdir == str(tmp_path / "out")
+    assert f"[theorem] wrote {tmp_path / 'out'}/results.json" in capsys.readouterr().out
 
 
 def test_quick_experiment_writes_finite_results_and_figures(quick_workdir):
