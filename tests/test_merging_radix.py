@@ -32,11 +32,7 @@ def test_radix_select_matches_the_reference_on_every_path(monkeypatch, chunk):
     leaves, treedef = jax.tree.flatten(tree)
     for scope in _select.SCOPES:
         for density, outliers in [(0.3, 0.0), (0.5, 0.1), (0.05, 0.0)]:
-            # A fresh function per call: traced now, under the patched CHUNK (no cached
-            # program of another chunk size is reused); one program per selection rather
-            # than eager op-by-op dispatch (a compiled program per primitive and loop).
-            masks = jax.jit(lambda x, d=density, o=outliers, s=scope:
-                            _select.band_masks(x, d, o, s))(leaves)
+            masks = _select.band_masks(leaves, density, outliers, scope)   # eager: no cache
             ref = jax.tree.leaves(ref_mask(tree, density, outliers, scope))
             for m, r in zip(masks, ref):
                 np.testing.assert_array_equal(np.asarray(m), r, err_msg=f"{scope} {density}")
