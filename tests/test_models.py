@@ -78,3 +78,50 @@ def test_accuracy_chunked_equals_unchunked_and_counts():
 def test_loss_fn_rejects_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         make_loss_fn(MLP((2,)), "hinge")
+
+
+# --------------------------------------------------------------------------- conv as dot
+
+@pytest.mark.parametrize("kernel, padding", [((3, 3), "SAME"), ((3, 3), "VALID"),
+                                             ((2, 3), "SAME"), ((3, 1), ((2, 0), (1, 1)))])
+def test_conv_as_dot_equals_lax_conv_and_its_gradients(kernel, padding):
+    from jax import lax
+    from taskvec_jax.models.cnn import conv_as_dot
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)))
+    w = jnp.asarray(rng.normal(size=(*kernel, 3, 4)))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn)
+
+    def ours(x, w):
+        return conv_as_dot(x, w, (1, 1), padding, dimension_numbers=dn)
+
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=0, atol=1e-13)
+    cot = jnp.asarray(rng.normal(size=ref(x, w).shape))
+    g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), argnums=(0, 1))(x, w)
+    g_ours = jax.grad(lambda x, w: jnp.sum(ours(x, w) * cot), argnums=(0, 1))(x, w)
+    for a, b in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    # strided convolutions are lax's own
+    np.testing.assert_array_equal(
+        conv_as_dot(x, w, (2, 2), padding, dimension_numbers=dn),
+        lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=dn))
+
+
+def test_cnn_conv_impls_share_parameters_and_agree():
+    x = digits(8)["image"].reshape(8, 8, 8, 1).astype(jnp.float64)
+    models = {impl: CNN(10, (4, 6), 16, param_dtype=jnp.float64, conv_impl=impl)
+              for impl in ("lax", "dot", "auto")}
+    params = {k: m.init(jax.random.key(0), x)["params"] for k, m in models.items()}
+    for k in ("dot", "auto"):
+        assert jax.tree.structure(params[k]) == jax.tree.structure(params["lax"])
+        for a, b in zip(jax.tree.leaves(params[k]), jax.tree.leaves(params["lax"])):
+            np.testing.assert_array_equal(a, b)
+    out = {k: m.apply({"params": params["lax"]}, x) for k, m in models.items()}
+    np.testing.assert_allclose(out["dot"], out["lax"], rtol=0, atol=1e-12)
+    if jax.default_backend() == "cpu":     # auto is the dot on CPU
+        np.testing.assert_array_equal(out["auto"], out["dot"])
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        CNN(10, conv_impl="fft").init(jax.random.key(0), x)
