@@ -13,12 +13,12 @@ needs the notebook then fails with its error.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import pathlib
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.experiment_env import ROOT, subprocess_env
@@ -31,20 +31,6 @@ NOTEBOOKS = sorted((pathlib.Path(ROOT) / "notebooks").glob("*.ipynb"))
 def workdir(name: str) -> pathlib.Path:
     """Where notebook ``name`` (e.g. ``"01_theorem"``) writes its results."""
     return pathlib.Path(ROOT) / "results" / f"notebook_{name}"
-
-
-@contextlib.contextmanager
-def _environ(values: dict):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _clear_outputs(path: pathlib.Path) -> None:
@@ -64,7 +50,9 @@ def _execute(path: pathlib.Path) -> None:
             assert cell.outputs == [] and cell.execution_count is None, \
                 f"{path.name}: outputs must be stripped in git"
     # one device per kernel, Agg, the run's compilation cache, quick mode
-    with _environ(subprocess_env(TASKVEC_NOTEBOOK_QUICK="1")):
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in subprocess_env(TASKVEC_NOTEBOOK_QUICK="1").items():
+            mp.setenv(name, value)
         client = NotebookClient(nb, timeout=600, kernel_name="python3",
                                 resources={"metadata": {"path": str(path.parent)}})
         client.execute()  # raises CellExecutionError on any failing cell

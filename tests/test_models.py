@@ -110,6 +110,16 @@ def test_conv_as_dot_equals_lax_conv_and_its_gradients(kernel, padding):
         lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=dn))
 
 
+def test_conv_as_dot_hands_other_layouts_to_lax():
+    # dimension_numbers=None is lax's NCHW x OIHW, not the layout the dot handles
+    from jax import lax
+    from taskvec_jax.models.cnn import conv_as_dot
+    rng = np.random.default_rng(1)
+    x, w = jnp.asarray(rng.normal(size=(2, 3, 7, 6))), jnp.asarray(rng.normal(size=(4, 3, 3, 3)))
+    np.testing.assert_array_equal(conv_as_dot(x, w, (1, 1), "SAME"),
+                                  lax.conv_general_dilated(x, w, (1, 1), "SAME"))
+
+
 def test_cnn_conv_impls_share_parameters_and_agree():
     x = digits(8)["image"].reshape(8, 8, 8, 1).astype(jnp.float64)
     models = {impl: CNN(10, (4, 6), 16, param_dtype=jnp.float64, conv_impl=impl)

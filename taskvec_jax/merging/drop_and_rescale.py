@@ -102,8 +102,7 @@ def _keep_mask(key: jax.Array, keep_prob, shape: tuple[int, ...]) -> jax.Array:
     m = (n + 1) // 2
     if n < 2 or m >= 2 ** 32 or str(jax.random.key_impl(key)) != "threefry2x32":
         return jax.random.bernoulli(key, keep_prob, shape)
-    k1, k2 = (jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-              else key)
+    k1, k2 = jax.random.key_data(key)         # typed or raw (uint32[2]) keys alike
     hi = jnp.zeros((m,), jnp.uint32)          # the counters j < 2**32 fit the low word
     w1, w2 = threefry2x32_p.bind(k1, k2, hi, lax.iota(jnp.uint32, m))
     words = jnp.concatenate([w1, w2])[:n]

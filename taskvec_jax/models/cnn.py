@@ -37,11 +37,13 @@ def conv_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     ``lax.conv_general_dilated``'s arguments (flax ``nn.Conv(conv_general_dilated=...)``).
     """
     nd = rhs.ndim - 2
+    # None (lax's default) means NCHW x OIHW: normalized, it is not the layout handled here
     simple = (nd == 2 and feature_group_count == 1 and not kwargs
               and all(s == 1 for s in window_strides)
               and all(d == 1 for d in (lhs_dilation or ()))
               and all(d == 1 for d in (rhs_dilation or ()))
-              and dimension_numbers in (None, _nhwc_hwio(nd)))
+              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+              == _nhwc_hwio(nd))
     if not simple:
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
