@@ -20,16 +20,18 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-SUITES = ("finetune", "theory", "merging", "merging_families", "parallel", "tangent",
-          "data_aware", "data")
+SUITES = ("finetune", "theory", "merging", "merging_families", "parallel",
+          "sharded_merging", "tangent", "data_aware", "data")
 
 
 def _collect(names, quick, methods=None):
     from benchmarks import (bench_data_aware, bench_finetune, bench_merging,
-                            bench_merging_families, bench_parallel, bench_tangent, bench_theory)
+                            bench_merging_families, bench_parallel, bench_sharded_merging,
+                            bench_tangent, bench_theory)
     modules = {"finetune": bench_finetune, "theory": bench_theory, "merging": bench_merging,
                "merging_families": bench_merging_families, "parallel": bench_parallel,
-               "tangent": bench_tangent, "data_aware": bench_data_aware}
+               "sharded_merging": bench_sharded_merging, "tangent": bench_tangent,
+               "data_aware": bench_data_aware}
     entries, seconds = [], {}
     for name in names:
         if name == "data":

@@ -28,6 +28,14 @@ DEVICES = os.environ.get("TVJ_TEST_DEVICES")
 # Fast XLA compilation, one persistent compilation cache for the whole run, the device count
 # (tests/experiment_env.py says why); inherited by every process the tests start.
 os.environ.update(jax_env(devices=int(DEVICES) if DEVICES else None))
+if DEVICES:
+    # No persistent compilation cache in the 8-device process: no other process compiles
+    # its programs, and with the fast-compilation flags a cached shard_map ranking of
+    # tests/test_sharded.py (Breadcrumbs, global scope) crashed when read back (a
+    # segfault; with XLA's default optimization, or with a fresh cache, it runs).
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+        os.environ.pop(name, None)
 
 import jax  # noqa: E402
 

@@ -6,6 +6,8 @@ tests/test_sharded_subprocess.py. Run it alone with
 ``TVJ_TEST_DEVICES=8 python -m pytest tests/test_sharded.py``.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,3 +207,124 @@ def test_sharded_progress_bars_one_per_real_task(capsys):
                                 key=key)
     for a, b in zip(trajs, single):
         assert max_abs_diff(a.params, b.params) <= 1e-12
+
+
+# --- merges of sharded trees (taskvec_jax/merging/_shards.py) ---------------------------
+
+_MERGE_SHAPES = {"w": ((16, 12), P("a", "b")), "v": ((3, 8, 6), P(None, "a")),
+                 "b": ((8,), P(("a", "b"))), "d": ((8, 5), P("a")), "r": ((5, 4), P()),
+                 "i": ((4,), P())}
+
+
+def _merge_inputs(num_tasks=3):
+    """Task vectors and a base on a 4 x 2 mesh: leaves split along one, two or no
+    dimensions (one along both axes at once), a float64 leaf, a non-float position
+    (``None`` in the task vectors, ints in the base) and magnitudes on a 0.5 grid, so that
+    many entries tie and the kernel's position tie-break is exercised."""
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    rng = np.random.default_rng(0)
+
+    def tree(task):
+        out = {}
+        for k, (shape, _) in _MERGE_SHAPES.items():
+            if k == "i":
+                out[k] = None if task else np.arange(4)
+                continue
+            dtype = np.float64 if k == "d" else np.float32
+            out[k] = np.asarray(np.round(rng.normal(size=shape) * 2) / 2, dtype)
+        return out
+
+    def put(t):
+        return {k: x if x is None else
+                jax.device_put(x, NamedSharding(mesh, _MERGE_SHAPES[k][1]))
+                for k, x in t.items()}
+    base, taus = tree(False), [tree(True) for _ in range(num_tasks)]
+    return (base, taus), (put(base), [put(t) for t in taus])
+
+
+_MERGES = {
+    "ties_global": lambda b, ts: tvj.merging.ties(b, ts, alpha=[0.7, 0.2, -1.0], density=0.3),
+    "ties_leaf_count_sum": lambda b, ts: tvj.merging.ties(
+        b, ts, density=0.4, scope="leaf", consensus="count", merge="sum"),
+    "ties_row": lambda b, ts: tvj.merging.ties(b, ts, alpha=0.5, density=0.3, scope="row"),
+    "breadcrumbs_row": lambda b, ts: tvj.merging.breadcrumbs(
+        b, ts, alpha=[0.7, 0.2, -1.0], density=0.4, outliers=0.1),
+    "breadcrumbs_global": lambda b, ts: tvj.merging.breadcrumbs(
+        b, ts, density=0.4, outliers=0.1, scope="global"),
+    "trim_leaf": lambda b, ts: tvj.merging.trim(ts[0], density=0.3, scope="leaf",
+                                                outliers=0.05),
+    "magnitude_mask_global": lambda b, ts: tvj.merging.magnitude_mask(ts[0], density=0.3),
+    "dare": lambda b, ts: tvj.merging.dare(ts[0], drop_rate=0.4, key=jax.random.key(3)),
+    "dare_raw_key": lambda b, ts: tvj.merging.dare(ts[1], drop_rate=0.4,
+                                                   key=jax.random.PRNGKey(3)),
+    "dare_task_arithmetic": lambda b, ts: tvj.merging.dare_task_arithmetic(
+        b, ts, alpha=0.3, drop_rate=0.4, key=jax.random.key(5)),
+    "task_arithmetic": lambda b, ts: tvj.merging.task_arithmetic(b, ts, alpha=[1.0, -0.5, 2.0]),
+}
+
+
+@pytest.mark.parametrize("method", list(_MERGES))
+def test_sharded_merge_equals_the_unsharded_merge_bit_for_bit(method):
+    (base, taus), (sbase, staus) = _merge_inputs()
+    want = _MERGES[method](base, taus)
+    got = _MERGES[method](sbase, staus)
+    for k, (_, spec) in _MERGE_SHAPES.items():
+        if want[k] is None:
+            assert got[k] is None, k
+            continue
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+        assert np.asarray(got[k]).dtype == np.asarray(want[k]).dtype, k
+        if k != "i":   # every block stays where its input's block was
+            assert got[k].sharding.is_equivalent_to(NamedSharding(staus[0][k].sharding.mesh,
+                                                                  spec), got[k].ndim), k
+
+
+def test_sharded_merges_never_gather_a_leaf(monkeypatch):
+    # Every program the merges run on the blocks (the rankings and the merge passes) is
+    # compiled and read: no all-gather, all-to-all or permute, only the rankings'
+    # all-reduces of integer histograms and counts (per-device memory: benchmarks/
+    # bench_sharded_merging.py, at ViT-B/32 sizes).
+    from taskvec_jax.merging import _shards
+    calls = []
+    run = _shards.run
+
+    def recording(fn, lay, args, in_specs, out_specs, **static):
+        calls.append((fn, lay, tuple(args), tuple(in_specs), out_specs, static))
+        return run(fn, lay, args, in_specs, out_specs, **static)
+    monkeypatch.setattr(_shards, "run", recording)
+    _, (sbase, staus) = _merge_inputs()
+    for method in ("ties_global", "breadcrumbs_row", "dare_task_arithmetic"):
+        _MERGES[method](sbase, staus)
+    assert {c[0].__name__ for c in calls} == {"_local_thresholds", "_ties_merge",
+                                               "_breadcrumbs_merge", "_dare_task_arithmetic"}
+    for fn, lay, args, in_specs, out_specs, static in calls:
+        compiled = _shards._run.lower(args, fn=fn, mesh=lay.mesh,
+                                      in_specs=_shards._Frozen(in_specs),
+                                      out_specs=_shards._Frozen(out_specs),
+                                      static=tuple(sorted(static.items()))).compile()
+        text = compiled.as_text()
+        for op in ("all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
+            assert op not in text, (fn.__name__, op)
+        reduced = re.findall(r"= (\w+)\[[^\]]*\][^=]*? all-reduce(?:-start)?\(", text)
+        if fn.__name__ != "_local_thresholds":
+            assert not reduced, fn.__name__
+        # what crosses devices is integer histograms and counts, never parameter values
+        assert set(reduced) <= {"s32", "u32", "s64", "u64"}, (fn.__name__, reduced)
+        # per device, a program's inputs are its arguments' blocks (no copy of a whole
+        # leaf is made to enter it)
+        blocks = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                     for x in jax.tree.leaves(args) if isinstance(x, jax.Array)
+                     and isinstance(x.sharding, NamedSharding))
+        assert compiled.memory_analysis().argument_size_in_bytes <= blocks + 64, fn.__name__
+    assert any(fn.__name__ == "_local_thresholds" for fn, *_ in calls)
+
+
+def test_sharded_merge_checks():
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    other = jax.make_mesh((2, 4), ("a", "b"))
+    x = jnp.arange(32.0).reshape(8, 4)
+    tau = {"u": jax.device_put(x, NamedSharding(mesh, P("a"))),
+           "v": jax.device_put(x, NamedSharding(other, P("a")))}
+    with pytest.raises(ValueError, match=r"leaf 'v' is sharded over a different mesh than "
+                                         r"leaf 'u'"):
+        tvj.merging.trim(tau, density=0.5)

@@ -56,7 +56,7 @@ from jax import lax
 from taskvec_jax.merging import _common
 
 __all__ = ["SCOPES", "band_masks", "band_masks_at", "band_thresholds", "band_thresholds_eager",
-           "check_scope",
+           "check_scope", "group_size", "groups", "position_fn",
            "keep_masked", "kth_largest", "magnitude_bits", "real_dtype", "selected"]
 
 SCOPES = ("global", "leaf", "row")
@@ -141,7 +141,7 @@ def _chunked_bincount(v, index, length):
     return total
 
 
-def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
+def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths, reduces=None):
     """The ``k``-th largest ``key`` per group, by one histogram pass per digit.
 
     ``keys(block, j, c0, rows_of)`` gives the unsigned keys of a block of view ``j``
@@ -150,6 +150,10 @@ def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
     (``None``: all). Pass ``p`` histograms digit ``p`` of the entries whose
     higher digits equal the prefix found so far and picks the digit holding the
     ``k``-th largest; entries that do not match go to one extra bin that is never read.
+
+    ``reduces[j]`` (default: none): the mesh axes over which view ``j``'s histogram is
+    completed (a sharded leaf's other blocks, :mod:`._shards`); views with the same axes
+    are summed first, so each pass makes one collective per distinct set of axes.
 
     Returns ``(t, need, num_eq)``, each shaped ``shape``: the key of the ``k``-th largest
     entry, how many entries equal to ``t`` the first ``k`` contain, and how many equal it.
@@ -167,6 +171,7 @@ def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
             # Ties this pass's inputs to the previous pass's result, so that XLA neither
             # computes the keys of every pass at once nor shares (stores) them.
             views, prefix = lax.optimization_barrier((views, prefix))
+        partial = {}
         for j, v in enumerate(views):
             def index(block, r0, c0, rows_of, j=j, p=p, w=w, shift=shift, bins=bins,
                       prefix=prefix):
@@ -184,7 +189,11 @@ def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
                                      + r0) * (bins + 1)
                 return digit
             h = _chunked_bincount(v, index, g * (bins + 1))
+            if reduces is not None:
+                partial[reduces[j]] = h if reduces[j] not in partial else partial[reduces[j]] + h
+                continue
             total = h if total is None else total + h
+        total = _completed(total, partial)
         hist = total.reshape(g, bins + 1)[:, :bins].astype(remaining.dtype)
         # suffix[b] = #{digit >= b}: non-increasing, so the chosen digit is the number of
         # b >= 1 with suffix[b] >= remaining.
@@ -198,7 +207,16 @@ def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths):
     return prefix.reshape(shape), remaining.reshape(shape), num_eq.reshape(shape)
 
 
-def _bisect_kth(views, k, dtype, per_row, n, udtype, cdtype, shape, offsets):
+def _completed(total, partial):
+    """``total`` plus each ``partial[axes]`` summed over the mesh ``axes`` (one
+    ``lax.psum`` per set of axes, in a fixed order; ``()``: no collective)."""
+    for axes in sorted(partial):
+        part = lax.psum(partial[axes], axes) if axes else partial[axes]
+        total = part if total is None else total + part
+    return total
+
+
+def _bisect_kth(views, k, dtype, per_row, n, udtype, cdtype, shape, positions, reduces):
     """``(t, cut)`` by bisection on the bits: 31 (float32) compare-and-count passes.
 
     The greedy MSB-first search for the largest ``t`` with ``#{u >= t} >= k``; then, if
@@ -213,10 +231,10 @@ def _bisect_kth(views, k, dtype, per_row, n, udtype, cdtype, shape, offsets):
         # vectorizes that reduction better than an int32 one (0.82 against 1.25 ns per
         # entry and pass on [24576, 768] float32; the row scope's thresholds of a
         # ViT-B/32-sized tree, one selection: 1.08-1.14 s against 1.33-1.37 s).
-        total = None
-        for v, offset in zip(views, offsets):
+        total, partial = None, {}
+        for v, position, axes in zip(views, positions, reduces):
             u = magnitude_bits(v, dtype)
-            pos = lax.broadcasted_iota(cdtype, v.shape, 1) + offset
+            pos = position(lax.broadcasted_iota(cdtype, v.shape, 1))
             if per_row and v.shape[-1] < 2**24:
                 c = jnp.sum(pred(u, pos).astype(jnp.float32), axis=-1,
                             keepdims=True).astype(cdtype)
@@ -224,8 +242,11 @@ def _bisect_kth(views, k, dtype, per_row, n, udtype, cdtype, shape, offsets):
                 c = jnp.sum(pred(u, pos), axis=-1, keepdims=True, dtype=cdtype)
             else:
                 c = jnp.sum(pred(u, pos), dtype=cdtype)
+            if axes is not None:
+                partial[axes] = c if axes not in partial else partial[axes] + c
+                continue
             total = c if total is None else total + c
-        return jnp.reshape(total, shape)
+        return jnp.reshape(_completed(total, partial), shape)
 
     nbits = 8 * jnp.dtype(udtype).itemsize - 1          # the sign bit of |x| is 0
 
@@ -264,7 +285,8 @@ def _bisect_rows() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool):
+def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool, shards=None,
+                rows: bool | None = None):
     """Finds the ``k`` largest magnitudes per group (ties: earlier position first).
 
     The selection is described by ``(t, cut)``: an entry with magnitude bits ``u`` at
@@ -285,18 +307,29 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool):
       k: entries selected per group, ``k >= 0``.
       dtype: the float dtype magnitudes are compared in.
       per_row: see ``views``.
+      shards: ``None``, or (inside ``jax.shard_map``) one
+        :class:`~taskvec_jax.merging._shards.Shards` per view: the views are then the
+        local blocks of sharded leaves, counts are summed over the devices holding the
+        other blocks and positions are the entries' positions in the whole leaves.
+      rows: whether the views' rows are their leaves' rows (default: ``per_row``); the
+        leaf scope's one-row views are not (it matters only for sharded blocks).
 
     Returns:
       ``(t, cut, offsets)``: ``t`` and ``cut`` are ``[g, 1]`` (per row) or ``[1, 1]``;
       ``offsets[j]`` is the position of view ``j``'s first entry in the group.
     """
-    n = views[0].shape[-1] if per_row else sum(v.size for v in views)
+    rows = per_row if rows is None else rows
+    n = group_size(views, per_row, shards, rows)
     udtype = UINT[jnp.dtype(dtype).itemsize]
     cdtype = jnp.int32 if n < 2**31 else jnp.int64
     shape = (views[0].shape[0], 1) if per_row else (1, 1)
     offsets = [0] * len(views)
     if not per_row:
-        offsets = [sum(v.size for v in views[:j]) for j in range(len(views))]
+        sizes = [v.size for v in views] if shards is None else [s.size for s in shards]
+        offsets = [sum(sizes[:j]) for j in range(len(views))]
+    positions = [position_fn(o, None if shards is None else shards[j], rows)
+                 for j, o in enumerate(offsets)]
+    reduces = None if shards is None else [s.reduce_axes(last_only=rows) for s in shards]
     if k <= 0:    # nothing: no magnitude (NaN included, its sign bit is 0) exceeds t
         return (jnp.full(shape, jnp.iinfo(udtype).max, udtype), jnp.zeros(shape, cdtype),
                 offsets)
@@ -305,14 +338,15 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool):
 
     g = shape[0]
     if g > 1 and _bisect_rows():
-        t, cut = _bisect_kth(views, k, dtype, per_row, n, udtype, cdtype, shape, offsets)
+        t, cut = _bisect_kth(views, k, dtype, per_row, n, udtype, cdtype, shape, positions,
+                             reduces or [None] * len(views))
         return t, cut, offsets
     nbits = 8 * jnp.dtype(udtype).itemsize - 1          # the sign bit of |x| is 0
     # Bits (and positions) are recomputed inside every pass rather than stored, so that
     # where XLA fuses a histogram with its input no model-sized copy exists.
     t, need, num_eq = _radix_kth(views, lambda v, j, c0, rows_of: magnitude_bits(v, dtype),
                                  None, k,
-                                 nbits, udtype, shape, _digit_widths(nbits, g))
+                                 nbits, udtype, shape, _digit_widths(nbits, g), reduces)
     pbits = max(1, (n - 1).bit_length())
     pdtype = jnp.uint32 if pbits <= 32 else jnp.uint64
 
@@ -320,27 +354,52 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool):
         # The need-th earliest tied entry is the need-th largest of n - 1 - pos among
         # them; cut is one past its position.
         def pkeys(v, j, c0, rows_of):
-            pos = lax.broadcasted_iota(cdtype, v.shape, 1) + c0 + offsets[j]
+            pos = positions[j](lax.broadcasted_iota(cdtype, v.shape, 1) + c0)
             return (n - 1 - pos).astype(pdtype)
 
         def tied(v, j, c0, rows_of):
             return magnitude_bits(v, dtype) == rows_of(t)
         r, _, _ = _radix_kth(views, pkeys, tied,
-                             need, pbits, pdtype, shape, _digit_widths(pbits, g))
+                             need, pbits, pdtype, shape, _digit_widths(pbits, g), reduces)
         return (n - r.astype(cdtype)).astype(cdtype)
 
     cut = lax.cond(jnp.all(num_eq == need), lambda: jnp.full(shape, n, cdtype), position_cut)
     return t, cut, offsets
 
 
-def selected(v, dtype, t, cut, offset):
-    """The mask of :func:`kth_largest`'s selection on one view (one fused elementwise op)."""
+def group_size(views, per_row: bool, shards=None, rows: bool | None = None) -> int:
+    """Entries per selection group: a row's, or all views' together (whole leaves' when
+    the views are sharded blocks; ``rows`` as in :func:`kth_largest`)."""
+    if shards is None:
+        return views[0].shape[-1] if per_row else sum(v.size for v in views)
+    if per_row if rows is None else rows:
+        return shards[0].shape[-1] if shards[0].shape else 1
+    return sum(s.size for s in shards)
+
+
+def position_fn(offset: int, shards, per_row: bool):
+    """Maps a view's column indices (``iota`` along its last axis, plus the block's first
+    column) to the entries' positions in their group: ``+ offset`` for whole leaves; for
+    the local block of a sharded leaf, its column in the whole row (``per_row``) or its
+    row-major index in the whole leaf, plus ``offset``."""
+    if shards is None:
+        return lambda a: a + offset
+    if per_row:
+        return lambda a: a + shards.column_offset(a.dtype)
+    return lambda a: shards.flat_position(a) + offset
+
+
+def selected(v, dtype, t, cut, position):
+    """The mask of :func:`kth_largest`'s selection on one view (one fused elementwise op).
+
+    ``position``: an offset, or a :func:`position_fn` (sharded blocks)."""
     u = magnitude_bits(v, dtype)
-    pos = lax.broadcasted_iota(cut.dtype, v.shape, 1) + offset
+    pos = lax.broadcasted_iota(cut.dtype, v.shape, 1)
+    pos = position(pos) if callable(position) else pos + position
     return (u > t) | ((u == t) & (pos < cut))
 
 
-def _groups(leaves: list[Any], scope: str):
+def groups(leaves: list[Any], scope: str):
     """The selection groups of a flat leaf list: ``[(indices, dtype, per_row)]``.
 
     ``"global"``: one group of every non-empty parameter leaf (compared in their common
@@ -364,30 +423,35 @@ def _views(leaves, indices, scope):
     return [a.reshape(-1, a.shape[-1] if a.ndim else 1)]
 
 
-def band_thresholds(leaves: list[Any], density: float, outliers: float, scope: str):
+def band_thresholds(leaves: list[Any], density: float, outliers: float, scope: str,
+                    shards=None):
     """The rank band of :func:`band_masks` as thresholds: a small pytree of arrays.
 
     One ``(t_hi, cut_hi, t_lo, cut_lo)`` per selection group (``t_lo, cut_lo`` are
     ``None`` without outliers); :func:`band_masks_at` turns them into masks with one
     elementwise pass. Splitting the two lets a merge rank each task once and apply all
     tasks' masks inside one fused pass per leaf (no mask or trimmed copy is stored).
+    ``shards``: ``None``, or inside ``jax.shard_map`` one
+    :class:`~taskvec_jax.merging._shards.Shards` per leaf (``None`` at non-parameters),
+    the leaves being local blocks (see :func:`kth_largest`).
     """
     out = []
     done = jnp.zeros((), jnp.int32)
-    for indices, dtype, per_row in _groups(leaves, scope):
+    for indices, dtype, per_row in groups(leaves, scope):
         views = _views(leaves, indices, scope)
-        n = views[0].shape[-1] if per_row else sum(v.size for v in views)
+        group = None if shards is None else [shards[i] for i in indices]
+        n = group_size(views, per_row, group, scope == "row")
         lo = _common.count_of(outliers, n) if outliers else 0
         hi = min(n, lo + _common.count_of(density, n))
         # Each selection's inputs are tied to the previous one's result, so that XLA runs
         # them one after the other and their transients (on CPU: the bit patterns and a
         # reduction's input, for the largest leaf) are never alive together.
         views, done = lax.optimization_barrier((views, done))
-        t_hi, cut_hi, _ = kth_largest(views, hi, dtype, per_row)
+        t_hi, cut_hi, _ = kth_largest(views, hi, dtype, per_row, group, scope == "row")
         t_lo = cut_lo = None
         if lo:
             views, t_hi = lax.optimization_barrier((views, t_hi))
-            t_lo, cut_lo, _ = kth_largest(views, lo, dtype, per_row)
+            t_lo, cut_lo, _ = kth_largest(views, lo, dtype, per_row, group, scope == "row")
         done = jnp.sum(cut_hi, dtype=jnp.int32)
         out.append((t_hi, cut_hi, t_lo, cut_lo))
     return out
@@ -409,26 +473,33 @@ def band_thresholds_eager(leaves: list[Any], density: float, outliers: float, sc
     if scope == "global":
         return _band_thresholds_jit(leaves, density, outliers, scope)
     out = []
-    for indices, _, _ in _groups(leaves, scope):
+    for indices, _, _ in groups(leaves, scope):
         out.extend(_band_thresholds_jit([leaves[indices[0]]], density, outliers, scope))
     return out
 
 
-def band_masks_at(leaves: list[Any], thresholds, scope: str) -> list[jax.Array | None]:
-    """The masks of :func:`band_thresholds`' selection (``None`` at non-parameters)."""
+def band_masks_at(leaves: list[Any], thresholds, scope: str,
+                  shards=None) -> list[jax.Array | None]:
+    """The masks of :func:`band_thresholds`' selection (``None`` at non-parameters).
+
+    ``shards`` as in :func:`band_thresholds`; a row threshold may also come shaped like
+    its leaf's rows (``leaf.shape[:-1] + (1,)``, as :mod:`._shards` passes it on)."""
     out: list[jax.Array | None] = [None if not _common.is_param(x)
                                    else jnp.zeros(jnp.shape(x), bool) for x in leaves]
-    for (indices, dtype, _), (t_hi, cut_hi, t_lo, cut_lo) in zip(_groups(leaves, scope),
-                                                                  thresholds):
+    for (indices, dtype, per_row), thr in zip(groups(leaves, scope), thresholds):
+        t_hi, cut_hi, t_lo, cut_lo = [None if a is None else jnp.reshape(a, (-1, 1))
+                                      for a in thr]
         views = _views(leaves, indices, scope)
         offset = 0
         for i, v in zip(indices, views):
             off = offset if scope == "global" else 0
-            m = selected(v, dtype, t_hi, cut_hi, off)
+            position = (off if shards is None else
+                        position_fn(off, shards[i], scope == "row"))
+            m = selected(v, dtype, t_hi, cut_hi, position)
             if t_lo is not None:
-                m = m & ~selected(v, dtype, t_lo, cut_lo, off)
+                m = m & ~selected(v, dtype, t_lo, cut_lo, position)
             out[i] = m.reshape(jnp.shape(leaves[i]))
-            offset += v.size
+            offset += v.size if shards is None else shards[i].size
     return out
 
 

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from taskvec_jax.merging import _common, arithmetic
+from jax.sharding import PartitionSpec as P
+
+from taskvec_jax.merging import _common, _shards, arithmetic
 
 PyTree = Any
 
@@ -52,7 +54,23 @@ def dare(task_vector: PyTree, *, drop_rate: float | jax.Array, key: jax.Array,
     """
     _check_drop_rate(drop_rate)
     _common.check_finite([task_vector], names=["task_vector"])
+    lay = _sharded_layout(task_vector, key)
+    if lay is not None:     # each device drops its blocks' entries (see _shards)
+        specs = _shards.tree_specs(task_vector, lay)
+        return _shards.run(_drop_and_rescale, lay, (task_vector, drop_rate, key),
+                           (specs, P(), P()), specs, rescale=bool(rescale),
+                           shards=lay.shards)
     return _dare_jit(task_vector, drop_rate, key, rescale=bool(rescale))
+
+
+def _sharded_layout(tree, key):
+    """The tree's :class:`~taskvec_jax.merging._shards.Layout` when its blocks can draw
+    their own entries' bits (threefry keys, leaves under 2**32 entries), else ``None``."""
+    lay = _shards.layout(tree)
+    if lay is None or str(jax.random.key_impl(key)) != "threefry2x32" or any(
+            s is not None and s.size >= 2 ** 32 for s in lay.shards):
+        return None
+    return lay
 
 
 def _check_drop_rate(drop_rate: Any) -> None:
@@ -64,28 +82,30 @@ def _check_drop_rate(drop_rate: Any) -> None:
         raise ValueError(f"drop_rate must be a scalar, got shape {jnp.shape(drop_rate)}")
 
 
-def _drop_and_rescale(task_vector, drop_rate, key, rescale):
-    """The DARE map on one tree (traceable; no checks)."""
+def _drop_and_rescale(task_vector, drop_rate, key, rescale, shards=None):
+    """The DARE map on one tree (traceable; no checks). ``shards``: inside
+    ``jax.shard_map``, one :class:`~taskvec_jax.merging._shards.Shards` per leaf."""
     leaves, treedef = _common.flatten(task_vector)
-    out = []
-    for i, x in enumerate(leaves):
-        if not _common.is_param(x):
-            out.append(x)
-            continue
-        keep = _keep_mask(jax.random.fold_in(key, i), 1.0 - drop_rate, jnp.shape(x))
-        if rescale:
-            # A per-entry divisor: XLA on CPU turns division by a broadcast scalar into
-            # multiplication by its reciprocal, which is off by an ulp; this way every
-            # survivor is the correctly rounded x / (1 - p).
-            one = jnp.ones((), x.dtype)
-            x = x / jnp.where(keep, (1 - drop_rate).astype(x.dtype), one)
-        # Non-finite entries are never dropped: under jit they propagate (eagerly they
-        # were rejected by check_finite).
-        out.append(jnp.where(keep | ~jnp.isfinite(x), x, jnp.zeros((), x.dtype)))
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, [
+        _drop_leaf(x, drop_rate, key, i, rescale, None if shards is None else shards[i])
+        if _common.is_param(x) else x for i, x in enumerate(leaves)])
 
 
-def _keep_mask(key: jax.Array, keep_prob, shape: tuple[int, ...]) -> jax.Array:
+def _drop_leaf(x, drop_rate, key, i, rescale, shards):
+    """Leaf ``i`` of :func:`dare` (its draws from ``fold_in(key, i)``)."""
+    keep = _keep_mask(jax.random.fold_in(key, i), 1.0 - drop_rate, jnp.shape(x), shards)
+    if rescale:
+        # A per-entry divisor: XLA on CPU turns division by a broadcast scalar into
+        # multiplication by its reciprocal, which is off by an ulp; this way every
+        # survivor is the correctly rounded x / (1 - p).
+        one = jnp.ones((), x.dtype)
+        x = x / jnp.where(keep, (1 - drop_rate).astype(x.dtype), one)
+    # Non-finite entries are never dropped: under jit they propagate (eagerly they
+    # were rejected by check_finite).
+    return jnp.where(keep | ~jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def _keep_mask(key: jax.Array, keep_prob, shape: tuple[int, ...], shards=None) -> jax.Array:
     """``Bernoulli(keep_prob)`` draws of ``shape``, each from 24 uniform random bits.
 
     A threefry key (JAX's default) hashes each counter into two 32-bit words, and
@@ -97,7 +117,22 @@ def _keep_mask(key: jax.Array, keep_prob, shape: tuple[int, ...]) -> jax.Array:
     ``keep_prob`` rounded up to a multiple of ``2**-24`` (``jax.random.bernoulli``:
     ``2**-23``), exactly 1 for ``keep_prob = 1``. Keys of other implementations (``rbg``,
     ``unsafe_rbg``) draw with ``jax.random.bernoulli``.
+
+    ``shards``: ``shape`` is then the local block of a sharded leaf (threefry keys only),
+    and each entry hashes the counter of its position in the whole leaf, taking the
+    word the whole leaf's draw gives it: the block's mask is that block of the whole
+    leaf's mask (each device computes both words of its entries' counters).
     """
+    if shards is not None and shards.size >= 2:
+        m = (shards.size + 1) // 2
+        k1, k2 = jax.random.key_data(key)
+        pos = shards.flat_position(lax.iota(jnp.uint32, math.prod(shape)))
+        first = pos < m
+        w1, w2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(pos),
+                                     jnp.where(first, pos, pos - jnp.uint32(m)))
+        words = jnp.where(first, w1, w2)
+        uniform = (words >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+        return (uniform < keep_prob).reshape(shape)
     n = math.prod(shape)
     m = (n + 1) // 2
     if n < 2 or m >= 2 ** 32 or str(jax.random.key_impl(key)) != "threefry2x32":
@@ -147,12 +182,22 @@ def dare_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *,
     _common.check_finite(task_vectors)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
     _check_drop_rate(drop_rate)
+    lay = _sharded_layout(task_vectors[0], key)
+    if lay is not None:     # each device drops and adds its blocks (see _shards)
+        specs = _shards.tree_specs(task_vectors[0], lay)
+        return _shards.run(_dare_task_arithmetic, lay,
+                           (base, tuple(task_vectors), alphas, drop_rate, key),
+                           (specs, (specs,) * len(task_vectors), P(), P(), P()), specs,
+                           rescale=bool(rescale), shards=lay.shards)
     return _dare_task_arithmetic_jit(base, tuple(task_vectors), alphas, drop_rate, key,
                                      rescale=bool(rescale))
 
 
-@functools.partial(jax.jit, static_argnames=("rescale",))
-def _dare_task_arithmetic_jit(base, task_vectors, alphas, drop_rate, key, *, rescale):
-    dropped = [_drop_and_rescale(tv, drop_rate, jax.random.fold_in(key, t), rescale)
+def _dare_task_arithmetic(base, task_vectors, alphas, drop_rate, key, *, rescale,
+                          shards=None):
+    dropped = [_drop_and_rescale(tv, drop_rate, jax.random.fold_in(key, t), rescale, shards)
                for t, tv in enumerate(task_vectors)]
     return arithmetic.add_weighted(base, dropped, alphas)
+
+
+_dare_task_arithmetic_jit = jax.jit(_dare_task_arithmetic, static_argnames=("rescale",))

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from taskvec_jax.merging import _common, _select, arithmetic
+from jax.sharding import PartitionSpec as P
+
+from taskvec_jax.merging import _common, _select, _shards, arithmetic
 
 PyTree = Any
 
@@ -66,6 +68,17 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
     options = dict(density=density, outliers=outliers, scope=scope)
     if _common.is_traced((base, task_vectors, alphas)):
         return _breadcrumbs_graph(base, tuple(task_vectors), alphas, **options)
+    lay = _shards.layout(task_vectors[0])
+    if lay is not None:     # each device merges its blocks (see _shards)
+        leaves = [_common.flatten(tv)[0] for tv in task_vectors]
+        thresholds = _shards.thresholds(leaves, lay, density, outliers, scope)
+        thr_specs = [_shards.threshold_specs(lv, lay, density, outliers, scope)
+                     for lv in leaves]
+        specs = _shards.tree_specs(task_vectors[0], lay)
+        return _shards.run(_breadcrumbs_merge, lay,
+                           (base, tuple(task_vectors), thresholds, alphas),
+                           (specs, (specs,) * len(task_vectors), thr_specs, P()), specs,
+                           scope=scope, shards=lay.shards)
     # Eagerly: one compiled ranking per task (it returns only thresholds), then one
     # program whose every output leaf is one fused pass over the T task leaves.
     thresholds = [_select.band_thresholds_eager(_common.flatten(tv)[0], density, outliers,
@@ -79,7 +92,7 @@ def _thresholds(task_vector, *, density, outliers, scope):
     return _select.band_thresholds(leaves, density, outliers, scope)
 
 
-def _breadcrumbs_merge(base, task_vectors, thresholds, alphas, *, scope):
+def _breadcrumbs_merge(base, task_vectors, thresholds, alphas, *, scope, shards=None):
     """``base + sum_t alpha_t * where(band_t, tau_t, 0)``, leaf by leaf.
 
     The sum runs in task order in at least float32 and is added to the base as
@@ -90,7 +103,7 @@ def _breadcrumbs_merge(base, task_vectors, thresholds, alphas, *, scope):
     task_leaves = []
     for tv, thr in zip(task_vectors, thresholds):
         leaves, _ = _common.flatten(tv)
-        masks = _select.band_masks_at(leaves, thr, scope)
+        masks = _select.band_masks_at(leaves, thr, scope, shards)
         task_leaves.append((_select.keep_masked(leaves, masks), masks))
     out = []
     for i, b in enumerate(base_leaves):

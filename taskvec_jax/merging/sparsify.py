@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from taskvec_jax.merging import _common, _select
+from taskvec_jax.merging import _common, _select, _shards
 from taskvec_jax.merging._select import SCOPES
 
 PyTree = Any
@@ -68,7 +68,10 @@ def magnitude_mask(task_vector: PyTree, *, density: float, outliers: float = 0.0
     density = _common.check_density(density)
     outliers = _common.check_outliers(outliers, density)
     scope = _select.check_scope(scope)
+    lay = _shards.layout(task_vector)
     _common.check_finite([task_vector], names=["task_vector"])
+    if lay is not None:     # each device ranks and masks its blocks (see _shards)
+        return _shards.band(task_vector, lay, density, outliers, scope, masks_only=True)
     return _magnitude_mask_jit(task_vector, density=density, outliers=outliers, scope=scope)
 
 
@@ -107,7 +110,10 @@ def trim(task_vector: PyTree, *, density: float, scope: str = "global",
     density = _common.check_density(density)
     outliers = _common.check_outliers(outliers, density)
     scope = _select.check_scope(scope)
+    lay = _shards.layout(task_vector)
     _common.check_finite([task_vector], names=["task_vector"])
+    if lay is not None:
+        return _shards.band(task_vector, lay, density, outliers, scope, masks_only=False)
     return _trim_jit(task_vector, density=density, outliers=outliers, scope=scope)
 
 

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from taskvec_jax.merging import _common, _select
+from jax.sharding import PartitionSpec as P
+
+from taskvec_jax.merging import _common, _select, _shards
 
 PyTree = Any
 
@@ -118,6 +120,19 @@ def _ties(task_vectors, alphas, base, scale, *, density, scope, merge, consensus
     options = dict(density=density, scope=scope, merge=merge, consensus=consensus)
     if _common.is_traced((task_vectors, alphas, base, scale)):
         return _ties_graph(task_vectors, alphas, base, scale, **options)
+    lay = _shards.layout(task_vectors[0])
+    if lay is not None:     # each device merges its blocks (see _shards)
+        thresholds = thr_specs = None
+        if density < 1.0:
+            thresholds = _shards.thresholds([_common.flatten(tv)[0] for tv in task_vectors],
+                                            lay, density, 0.0, scope)
+            thr_specs = [_shards.threshold_specs(_common.flatten(tv)[0], lay, density, 0.0,
+                                                 scope) for tv in task_vectors]
+        specs = _shards.tree_specs(task_vectors[0], lay)
+        return _shards.run(_ties_merge, lay, (task_vectors, thresholds, alphas, base, scale),
+                           ((specs,) * len(task_vectors), thr_specs, P(),
+                            None if base is None else specs, P()),
+                           specs, shards=lay.shards, **options)
     thresholds = None
     if density < 1.0:
         thresholds = [_select.band_thresholds_eager(_common.flatten(tv)[0], density, 0.0,
@@ -144,7 +159,7 @@ def _thresholds(task_vector, *, density, scope):
 
 
 def _ties_merge(task_vectors, thresholds, alphas, base, scale, *, density, scope, merge,
-                consensus):
+                consensus, shards=None):
     """Elects ``s`` (by mass or count) and returns the disjoint mean or sum, per leaf.
 
     Per leaf and in task order: ``hat_t = alpha_t * where(trim mask_t, tau_t, 0)`` in at
@@ -154,7 +169,8 @@ def _ties_merge(task_vectors, thresholds, alphas, base, scale, *, density, scope
     """
     task_leaves = [_common.flatten(tv)[0] for tv in task_vectors]
     if thresholds is not None:
-        task_leaves = [_select.keep_masked(leaves, _select.band_masks_at(leaves, thr, scope))
+        task_leaves = [_select.keep_masked(leaves,
+                                           _select.band_masks_at(leaves, thr, scope, shards))
                        for leaves, thr in zip(task_leaves, thresholds)]
     like, treedef = _common.flatten(task_vectors[0])
     base_leaves = None if base is None else _common.flatten(base)[0]

@@ -1,0 +1,132 @@
+"""Merges of a sharded model: per-device peak memory, in model copies per device.
+
+T = 8 task vectors and the base of CLIP ViT-B/32's shapes (87.8M float32 parameters),
+every leaf split over D = 8 devices along its first dimension divisible by 8, are merged
+by each method; the goal is a per-device peak of at most ``(T + 2) / D`` model copies
+(the inputs' blocks, the output's block and nothing else model-sized), i.e. ``T + 2 = 10``
+in units of ``model / D``.
+
+What is measured: XLA's own buffer assignment of every program the merge runs
+(``compiled.memory_analysis()``, per device: its output and temporary buffers), on top of
+the ``T + 1`` input blocks each device holds throughout. On fake CPU devices (this
+machine) these programs are the same SPMD programs a TPU slice runs; host RSS would sum
+all devices, so it is not used. Runs in its own process (XLA fixes the device count at
+start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+WORKER = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import taskvec_jax as tvj
+from taskvec_jax.merging import _shards, arithmetic
+from benchmarks.bench_merging import vit_b32_shapes
+num_tasks, blocks, devices = map(int, sys.argv[1:4])
+mesh = jax.make_mesh((devices,), ("model",), devices=jax.devices()[:devices])
+shapes = vit_b32_shapes(blocks)
+
+def spec(shape):
+    d = next(i for i, n in enumerate(shape) if n % devices == 0)
+    return P(*([None] * d + ["model"]))
+
+normal = jax.jit(jax.random.normal, static_argnums=1)
+def tree(seed, scale):
+    return {k: jax.device_put(normal(jax.random.fold_in(jax.random.key(seed), i), s) * scale,
+                              NamedSharding(mesh, spec(s)))
+            for i, (k, s) in enumerate(shapes.items())}
+base = tree(0, 1.0)
+taus = [tree(t + 1, 1e-3) for t in range(num_tasks)]
+model_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
+share = model_bytes / devices
+
+calls = []
+run = _shards.run
+def recording(fn, lay, args, in_specs, out_specs, **static):
+    calls.append((fn, lay, tuple(args), in_specs, out_specs, static))
+    return run(fn, lay, args, in_specs, out_specs, **static)
+_shards.run = recording
+
+def analysed(fn, lay, args, in_specs, out_specs, static):
+    return _shards._run.lower(args, fn=fn, mesh=lay.mesh,
+                              in_specs=_shards._Frozen(tuple(in_specs)),
+                              out_specs=_shards._Frozen(out_specs),
+                              static=tuple(sorted(static.items()))).compile()
+
+M = tvj.merging
+methods = {
+    "task_arithmetic": lambda: M.task_arithmetic(base, taus, alpha=0.3),
+    "dare": lambda: M.dare_task_arithmetic(base, taus, alpha=0.3, drop_rate=0.9,
+                                           key=jax.random.key(1)),
+    "ties_global": lambda: M.ties(base, taus, alpha=0.3, density=0.2),
+    "ties_leaf": lambda: M.ties(base, taus, alpha=0.3, density=0.2, scope="leaf"),
+    "breadcrumbs": lambda: M.breadcrumbs(base, taus, alpha=0.3),
+}
+rows = {}
+for name, merge in methods.items():
+    calls.clear()
+    out = jax.block_until_ready(merge())
+    if name == "task_arithmetic":     # elementwise: GSPMD's program, not shard_map's
+        compiled = [arithmetic._add_weighted_jit.lower(
+            base, tuple(taus), jnp.full(num_tasks, 0.3)).compile()]
+    else:
+        compiled = [analysed(*c) for c in calls]
+    text = "".join(c.as_text() for c in compiled)
+    per_program = [(m.output_size_in_bytes + m.temp_size_in_bytes) / share
+                   for m in (c.memory_analysis() for c in compiled)]
+    kept = all(out[k].sharding.is_equivalent_to(base[k].sharding, len(s))
+               for k, s in shapes.items())
+    rows[name] = {"peak_copies_per_device": num_tasks + 1 + max(per_program),
+                  "programs": len(compiled), "largest_program": max(per_program),
+                  "gathers": sum(text.count(op) for op in ("all-gather", "all-to-all")),
+                  "output_sharded_like_input": kept}
+print(json.dumps({"rows": rows, "platform": jax.devices()[0].platform,
+                  "model_bytes": model_bytes}))
+"""
+
+
+def measure(num_tasks: int = 8, blocks: int = 12, devices: int = 8) -> dict:
+    """Runs :data:`WORKER` in a fresh process with ``devices`` (fake CPU) devices."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    env = dict(os.environ)
+    import jax
+    if jax.devices()[0].platform == "cpu":
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={devices}").strip()
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(num_tasks), str(blocks),
+                           str(devices)], cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    from benchmarks.harness import Stats
+    num_tasks, devices = 8, 8
+    got = measure(num_tasks, 2 if quick else 12, devices)
+    goal = num_tasks + 2
+    out = []
+    for name, r in got["rows"].items():
+        peak = r["peak_copies_per_device"]
+        out.append({
+            "name": f"{name} on a sharded model: per-device peak / (model / D)",
+            "setting": f"T={num_tasks} task vectors + base, ViT-B/32 shapes (float32), "
+                       f"every leaf split over D={devices} "
+                       + ("fake CPU devices" if got["platform"] == "cpu" else "devices")
+                       + "; XLA's buffer assignment per device, on top of the T+1 input "
+                       f"blocks; {r['programs']} program(s), {r['gathers']} gathers, "
+                       "output " + ("sharded like the input" if r["output_sharded_like_input"]
+                                    else "NOT sharded like the input"),
+            "ratio": Stats(peak, peak, peak),
+            "target": f"<= T+2 = {goal}",
+            "ok": bool(peak <= goal and r["gathers"] == 0
+                       and r["output_sharded_like_input"]),
+            "extra": r})
+    return out
