@@ -76,15 +76,22 @@ for name, merge in methods.items():
     if name == "task_arithmetic":     # elementwise: GSPMD's program, not shard_map's
         compiled = [arithmetic._add_weighted_jit.lower(
             base, tuple(taus), jnp.full(num_tasks, 0.3)).compile()]
-    else:
-        compiled = [analysed(*c) for c in calls]
+    else:   # one compilation per distinct program (leaves of one shape share theirs)
+        distinct = {}
+        for c in calls:
+            shapes_of = tuple((jnp.shape(x), str(jnp.result_type(x)))
+                              for x in jax.tree.leaves(c[2]))
+            options = sorted((k, v) for k, v in c[5].items() if k != "indices")
+            distinct.setdefault((c[0], repr(c[3]), repr(options), shapes_of), c)
+        compiled = [analysed(*c) for c in distinct.values()]
     text = "".join(c.as_text() for c in compiled)
     per_program = [(m.output_size_in_bytes + m.temp_size_in_bytes) / share
                    for m in (c.memory_analysis() for c in compiled)]
     kept = all(out[k].sharding.is_equivalent_to(base[k].sharding, len(s))
                for k, s in shapes.items())
     rows[name] = {"peak_copies_per_device": num_tasks + 1 + max(per_program),
-                  "programs": len(compiled), "largest_program": max(per_program),
+                  "programs": len(calls) or 1, "distinct_programs": len(compiled),
+                  "largest_program": max(per_program),
                   "gathers": sum(text.count(op) for op in ("all-gather", "all-to-all")),
                   "output_sharded_like_input": kept}
 print(json.dumps({"rows": rows, "platform": jax.devices()[0].platform,
@@ -121,12 +128,15 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                        f"every leaf split over D={devices} "
                        + ("fake CPU devices" if got["platform"] == "cpu" else "devices")
                        + "; XLA's buffer assignment per device, on top of the T+1 input "
-                       f"blocks; {r['programs']} program(s), {r['gathers']} gathers, "
+                       f"blocks, judged to 1e-3 copies; {r['programs']} program run(s), "
+                       f"{r['gathers']} gathers, "
                        "output " + ("sharded like the input" if r["output_sharded_like_input"]
                                     else "NOT sharded like the input"),
             "ratio": Stats(peak, peak, peak),
             "target": f"<= T+2 = {goal}",
-            "ok": bool(peak <= goal and r["gathers"] == 0
+            # judged to 1e-3 copies: the thresholds and coefficients the programs also
+            # hold are kilobytes (3e-5 copies here), not model-sized
+            "ok": bool(peak <= goal + 1e-3 and r["gathers"] == 0
                        and r["output_sharded_like_input"]),
             "extra": r})
     return out

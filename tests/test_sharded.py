@@ -246,6 +246,7 @@ _MERGES = {
     "ties_global": lambda b, ts: tvj.merging.ties(b, ts, alpha=[0.7, 0.2, -1.0], density=0.3),
     "ties_leaf_count_sum": lambda b, ts: tvj.merging.ties(
         b, ts, density=0.4, scope="leaf", consensus="count", merge="sum"),
+    "ties_task_vector": lambda b, ts: tvj.merging.ties_task_vector(ts, density=0.3),
     "ties_row": lambda b, ts: tvj.merging.ties(b, ts, alpha=0.5, density=0.3, scope="row"),
     "breadcrumbs_row": lambda b, ts: tvj.merging.breadcrumbs(
         b, ts, alpha=[0.7, 0.2, -1.0], density=0.4, outliers=0.1),
