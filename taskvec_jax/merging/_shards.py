@@ -31,7 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from taskvec_jax.merging import _common, _select
 
-__all__ = ["Layout", "Shards", "layout", "run", "thresholds"]
+__all__ = ["Layout", "Shards", "band", "layout", "run", "threshold_specs", "thresholds",
+           "tree_specs"]
 
 PyTree = Any
 
@@ -125,9 +126,9 @@ def layout(tree: PyTree) -> Layout | None:
     paths = _common.leaf_paths(tree)
     mesh = mesh_path = None
     for path, x in zip(paths, leaves):
-        if not _common.is_param(x) or isinstance(x, jax.core.Tracer):
-            if isinstance(x, jax.core.Tracer):
-                return None
+        if isinstance(x, jax.core.Tracer):
+            return None
+        if not _common.is_param(x):
             continue
         sharding = getattr(x, "sharding", None)
         if (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1
@@ -205,7 +206,7 @@ def _row_spec(spec: P, ndim: int) -> P:
     return P(*entries[:-1], None) if ndim else P()
 
 
-def threshold_specs(leaves: list[Any], lay: Layout, density: float, outliers: float,
+def threshold_specs(leaves: list[Any], lay: Layout, outliers: float,
                     scope: str) -> list[tuple]:
     """The specs of :func:`thresholds`' output: replicated for the global and leaf
     scopes, split like the leaf's rows for the row scope."""
@@ -253,7 +254,7 @@ def thresholds(task_leaves: list[list[Any]], lay: Layout, density: float, outlie
             sub = [leaves[i] if i in indices else None for i in range(len(leaves))]
             thr = run(_local_thresholds, lay, [leaves[i] for i in indices],
                       [lay.specs[i] for i in indices],
-                      threshold_specs(sub, lay, density, outliers, scope),
+                      threshold_specs(sub, lay, outliers, scope),
                       indices=tuple(indices), density=density, outliers=outliers,
                       scope=scope, shards=lay.shards, num_leaves=len(leaves))
             task.extend(jax.block_until_ready(thr))
@@ -276,5 +277,5 @@ def band(task_vector: PyTree, lay: Layout, density: float, outliers: float, scop
     thr, = thresholds([leaves], lay, density, outliers, scope)
     specs = tree_specs(task_vector, lay)
     return run(_band, lay, (task_vector, thr),
-               (specs, threshold_specs(leaves, lay, density, outliers, scope)), specs,
+               (specs, threshold_specs(leaves, lay, outliers, scope)), specs,
                scope=scope, shards=lay.shards, masks_only=masks_only)

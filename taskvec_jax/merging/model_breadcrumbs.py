@@ -72,8 +72,7 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
     if lay is not None:     # each device merges its blocks (see _shards)
         leaves = [_common.flatten(tv)[0] for tv in task_vectors]
         thresholds = _shards.thresholds(leaves, lay, density, outliers, scope)
-        thr_specs = [_shards.threshold_specs(lv, lay, density, outliers, scope)
-                     for lv in leaves]
+        thr_specs = [_shards.threshold_specs(leaves[0], lay, outliers, scope)] * len(leaves)
         specs = _shards.tree_specs(task_vectors[0], lay)
         return _shards.run(_breadcrumbs_merge, lay,
                            (base, tuple(task_vectors), thresholds, alphas),

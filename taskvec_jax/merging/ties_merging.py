@@ -126,8 +126,8 @@ def _ties(task_vectors, alphas, base, scale, *, density, scope, merge, consensus
         if density < 1.0:
             thresholds = _shards.thresholds([_common.flatten(tv)[0] for tv in task_vectors],
                                             lay, density, 0.0, scope)
-            thr_specs = [_shards.threshold_specs(_common.flatten(tv)[0], lay, density, 0.0,
-                                                 scope) for tv in task_vectors]
+            thr_specs = [_shards.threshold_specs(_common.flatten(task_vectors[0])[0], lay,
+                                                 0.0, scope)] * len(task_vectors)
         specs = _shards.tree_specs(task_vectors[0], lay)
         return _shards.run(_ties_merge, lay, (task_vectors, thresholds, alphas, base, scale),
                            ((specs,) * len(task_vectors), thr_specs, P(),
