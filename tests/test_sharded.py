@@ -280,6 +280,21 @@ def test_sharded_merge_equals_the_unsharded_merge_bit_for_bit(method):
                                                                   spec), got[k].ndim), k
 
 
+@pytest.mark.parametrize("method", ["ties_global", "ties_leaf_count_sum"])
+def test_sharded_ranking_in_pieces_equals_the_unsharded_merge(monkeypatch, method):
+    # A device's blocks are histogrammed in pieces of SHARDED_CHUNK entries (a fori_loop
+    # and its remainder, at ViT sizes); here pieces of 3, so every block of the tree takes
+    # that path, rows and columns alike.
+    from taskvec_jax.merging import _select
+    monkeypatch.setattr(_select, "SHARDED_CHUNK", 3)
+    (base, taus), (sbase, staus) = _merge_inputs()
+    want = _MERGES[method](base, taus)
+    got = _MERGES[method](sbase, staus)
+    for k in want:
+        if want[k] is not None:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
 def test_sharded_merges_never_gather_a_leaf(monkeypatch):
     # Every program the merges run on the blocks (the rankings and the merge passes) is
     # compiled and read: no all-gather, all-to-all or permute, only the rankings'

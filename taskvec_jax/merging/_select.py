@@ -100,10 +100,18 @@ def _digit_widths(nbits: int, groups: int) -> list[int]:
 
 
 CHUNK = 2 ** 18
+# The blocks of a sharded leaf (merging._shards) are histogrammed in smaller pieces: a
+# device's blocks of a ViT-B/32 leaf (1/8 of it) are mostly under CHUNK, so each would
+# be materialized whole, and the global scope ranks every leaf's block in one program,
+# where XLA kept several alive at once (1.73 models / D of temporaries at ViT-B/32 on 8
+# devices; 0.51 with this chunk, under the merge pass's one model: benchmarks/NOTES.md).
+# The unsharded ranking takes the same time with either chunk (TIES, global, T = 8).
+SHARDED_CHUNK = 2 ** 15
 
 
-def _chunked_bincount(v, index, length):
-    """``bincount`` of ``index(block, r0, c0, rows_of)`` over ``v`` in blocks of ~CHUNK.
+def _chunked_bincount(v, index, length, chunk=None):
+    """``bincount`` of ``index(block, r0, c0, rows_of)`` over ``v`` in blocks of about
+    ``chunk`` (default :data:`CHUNK`) entries.
 
     XLA materializes a scatter's indices and updates (on CPU: two 32-bit buffers the size
     of its input), so the histogram of a large view is summed over blocks of about
@@ -111,6 +119,7 @@ def _chunked_bincount(v, index, length):
     index computation): the transients are two blocks, not two views. ``block`` starts
     at row ``r0``, column ``c0`` of ``v``.
     """
+    chunk = CHUNK if chunk is None else chunk
     g, m = v.shape
 
     def hist(block, r0, c0):
@@ -120,9 +129,9 @@ def _chunked_bincount(v, index, length):
                             length=length).astype(jnp.int32)     # groups < 2**31
 
     if g == 1:
-        size, axis, extent = min(m, CHUNK), 1, m
+        size, axis, extent = min(m, chunk), 1, m
     else:
-        size, axis, extent = min(g, max(1, CHUNK // m)), 0, g
+        size, axis, extent = min(g, max(1, chunk // m)), 0, g
     nblocks = extent // size
     bshape = (1, size) if axis else (size, m)
     if nblocks == 1:
@@ -153,7 +162,8 @@ def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths, reduces=None
 
     ``reduces[j]`` (default: none): the mesh axes over which view ``j``'s histogram is
     completed (a sharded leaf's other blocks, :mod:`._shards`); views with the same axes
-    are summed first, so each pass makes one collective per distinct set of axes.
+    are summed first, so each pass makes one collective per distinct set of axes, and
+    the blocks are histogrammed in pieces of :data:`SHARDED_CHUNK`.
 
     Returns ``(t, need, num_eq)``, each shaped ``shape``: the key of the ``k``-th largest
     entry, how many entries equal to ``t`` the first ``k`` contain, and how many equal it.
@@ -188,7 +198,8 @@ def _radix_kth(views, keys, valid, k, nbits, udtype, shape, widths, reduces=None
                     digit = digit + (lax.broadcasted_iota(jnp.int32, (block.shape[0], 1), 0)
                                      + r0) * (bins + 1)
                 return digit
-            h = _chunked_bincount(v, index, g * (bins + 1))
+            h = _chunked_bincount(v, index, g * (bins + 1),
+                                  None if reduces is None else SHARDED_CHUNK)
             if reduces is not None:
                 partial[reduces[j]] = h if reduces[j] not in partial else partial[reduces[j]] + h
                 continue
