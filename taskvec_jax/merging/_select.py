@@ -307,9 +307,12 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool, shards=Non
     found by a radix select: one histogram pass per digit of the bits, most significant
     first (:func:`_digit_widths`), each keeping only the entries whose higher digits
     match. ``cut`` keeps the first ``need = k - #{u > t}`` entries equal to ``t``; it is
-    ``n`` unless more than ``need`` entries tie at ``t``, in which case a second radix
-    select, over the positions of the tied entries, finds the ``need``-th of them. No
-    sort; exact and deterministic (integer histograms).
+    ``n`` unless more than ``need`` entries tie at ``t``, in which case the ``need``-th
+    earliest tied entry is found: for one unsharded group of more than
+    ``2**POSITION_BINS_LOG2`` positions (global and leaf scopes) by one histogram pass
+    over blocks of positions and a scan of the one block holding it
+    (:func:`_earliest_tied_cut`), otherwise by a second radix select over the tied
+    entries' positions. No sort; exact and deterministic (integer histograms).
 
     Args:
       views: ``[g, m]`` arrays. With ``per_row`` there is one view and each of its ``g``
@@ -361,6 +364,13 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool, shards=Non
     pbits = max(1, (n - 1).bit_length())
     pdtype = jnp.uint32 if pbits <= 32 else jnp.uint64
 
+    if g == 1 and reduces is None and pbits > POSITION_BINS_LOG2:
+        def position_cut():
+            return _earliest_tied_cut(views, t, need, dtype, offsets, n, cdtype)
+        cut = lax.cond(jnp.all(num_eq == need), lambda: jnp.full(shape, n, cdtype),
+                       position_cut)
+        return t, cut, offsets
+
     def position_cut():
         # The need-th earliest tied entry is the need-th largest of n - 1 - pos among
         # them; cut is one past its position.
@@ -376,6 +386,52 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool, shards=Non
 
     cut = lax.cond(jnp.all(num_eq == need), lambda: jnp.full(shape, n, cdtype), position_cut)
     return t, cut, offsets
+
+
+POSITION_BINS_LOG2 = 16
+
+
+def _earliest_tied_cut(views, t, need, dtype, offsets, n, cdtype):
+    """One past the position of the ``need``-th earliest entry whose magnitude bits equal
+    ``t``, over the views of one group (``[1, m]`` each, unsharded), as ``[1, 1]``.
+
+    One pass over the views histograms the tied entries by block of ``2**s`` positions
+    (``2**POSITION_BINS_LOG2`` blocks, ``s`` the remaining position bits); the block
+    holding the ``need``-th is then read alone (a window of at most ``2**s`` entries per
+    view) and its tied entries, in position order (the views follow each other), are
+    counted to the ``need``-th. The radix select over positions it replaces made two
+    full passes for a group of ``2**17`` entries or more.
+    """
+    pbits = max(1, (n - 1).bit_length())
+    s = pbits - POSITION_BINS_LOG2
+    width = 2 ** s
+    nblocks = -(-n // width)
+    total = None
+    for v, off in zip(views, offsets):
+        def index(block, r0, c0, rows_of, off=off):
+            pos = lax.broadcasted_iota(cdtype, block.shape, 1) + (c0 + off)
+            tied = magnitude_bits(block, dtype) == t
+            return jnp.where(tied, pos >> s, nblocks).astype(jnp.int32)
+        h = _chunked_bincount(v, index, nblocks + 1)
+        total = h if total is None else total + h
+    counts = total[:nblocks].astype(cdtype)
+    before = jnp.cumsum(counts) - counts                      # tied entries in earlier blocks
+    b = jnp.sum(jnp.cumsum(counts) < need[0, 0], dtype=cdtype)   # the block of the need-th
+    rest = need[0, 0] - jnp.take(before, b)                    # its rank inside the block
+    start = b * width
+    found = []
+    for v, off in zip(views, offsets):
+        m = v.shape[1]
+        size = min(m, width)
+        first = jnp.clip(start - off, 0, m - size).astype(cdtype)
+        win = lax.dynamic_slice_in_dim(v[0], first, size)
+        pos = lax.iota(cdtype, size) + first + off
+        found.append(jnp.where((magnitude_bits(win, dtype) == t[0, 0]) & (pos >= start)
+                               & (pos < start + width), pos, -1))
+    cand = jnp.concatenate(found)                  # tied positions of the block, in order
+    rank = jnp.cumsum((cand >= 0).astype(cdtype))
+    at = jnp.argmax(rank >= rest)
+    return (jnp.take(cand, at) + 1).astype(cdtype).reshape(1, 1)
 
 
 def group_size(views, per_row: bool, shards=None, rows: bool | None = None) -> int:
