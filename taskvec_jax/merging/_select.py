@@ -364,14 +364,9 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool, shards=Non
     pbits = max(1, (n - 1).bit_length())
     pdtype = jnp.uint32 if pbits <= 32 else jnp.uint64
 
-    if g == 1 and reduces is None and pbits > POSITION_BINS_LOG2:
-        def position_cut():
-            return _earliest_tied_cut(views, t, need, dtype, offsets, n, cdtype)
-        cut = lax.cond(jnp.all(num_eq == need), lambda: jnp.full(shape, n, cdtype),
-                       position_cut)
-        return t, cut, offsets
-
     def position_cut():
+        if g == 1 and reduces is None and pbits > POSITION_BINS_LOG2:
+            return _earliest_tied_cut(views, t, need, dtype, offsets, n, pbits, cdtype)
         # The need-th earliest tied entry is the need-th largest of n - 1 - pos among
         # them; cut is one past its position.
         def pkeys(v, j, c0, rows_of):
@@ -391,7 +386,7 @@ def kth_largest(views: list[jax.Array], k: int, dtype, per_row: bool, shards=Non
 POSITION_BINS_LOG2 = 16
 
 
-def _earliest_tied_cut(views, t, need, dtype, offsets, n, cdtype):
+def _earliest_tied_cut(views, t, need, dtype, offsets, n, pbits, cdtype):
     """One past the position of the ``need``-th earliest entry whose magnitude bits equal
     ``t``, over the views of one group (``[1, m]`` each, unsharded), as ``[1, 1]``.
 
@@ -402,7 +397,6 @@ def _earliest_tied_cut(views, t, need, dtype, offsets, n, cdtype):
     counted to the ``need``-th. The radix select over positions it replaces made two
     full passes for a group of ``2**17`` entries or more.
     """
-    pbits = max(1, (n - 1).bit_length())
     s = pbits - POSITION_BINS_LOG2
     width = 2 ** s
     nblocks = -(-n // width)
@@ -415,9 +409,9 @@ def _earliest_tied_cut(views, t, need, dtype, offsets, n, cdtype):
         h = _chunked_bincount(v, index, nblocks + 1)
         total = h if total is None else total + h
     counts = total[:nblocks].astype(cdtype)
-    before = jnp.cumsum(counts) - counts                      # tied entries in earlier blocks
-    b = jnp.sum(jnp.cumsum(counts) < need[0, 0], dtype=cdtype)   # the block of the need-th
-    rest = need[0, 0] - jnp.take(before, b)                    # its rank inside the block
+    upto = jnp.cumsum(counts)                                 # tied entries up to each block
+    b = jnp.sum(upto < need[0, 0], dtype=cdtype)              # the block of the need-th
+    rest = need[0, 0] - (jnp.take(upto, b) - jnp.take(counts, b))   # its rank inside it
     start = b * width
     found = []
     for v, off in zip(views, offsets):
