@@ -40,7 +40,7 @@ def test_dare_survivors_are_exactly_input_over_keep_rate(p, dtype):
     np.testing.assert_array_equal(np.asarray(unscaled) != 0, kept)
 
 
-def _threefry2x32(k0, k1, x0, x1):
+def _threefry2x32_np(k0, k1, x0, x1):
     """Threefry-2x32 with 20 rounds (Salmon et al., SC 2011), in numpy uint32."""
     def rotl(v, r):
         return (v << np.uint32(r)) | (v >> np.uint32(32 - r))
@@ -66,7 +66,7 @@ def test_keep_mask_uses_both_words_of_each_threefry_hash(shape, q):
     m = (n + 1) // 2
     k0, k1 = np.asarray(jax.random.key_data(key))
     with np.errstate(over="ignore"):
-        w1, w2 = _threefry2x32(k0, k1, np.zeros(m, np.uint32), np.arange(m, dtype=np.uint32))
+        w1, w2 = _threefry2x32_np(k0, k1, np.zeros(m, np.uint32), np.arange(m, dtype=np.uint32))
     words = np.concatenate([w1, w2])[:n]
     ref = ((words >> 8).astype(np.float64) * 2.0 ** -24 < q).reshape(shape)
     for k in (key, jax.random.key_data(key)):          # typed and raw keys
@@ -79,6 +79,47 @@ def test_keep_mask_uses_both_words_of_each_threefry_hash(shape, q):
     rbg = jax.random.key(11, impl="rbg")
     np.testing.assert_array_equal(np.asarray(_keep_mask(rbg, q, shape)),
                                   np.asarray(jax.random.bernoulli(rbg, q, shape)))
+
+
+def test_written_out_threefry_gives_the_primitives_words():
+    # dare_task_arithmetic hashes with _threefry2x32 (fusible into its sum), dare with
+    # threefry2x32_p: the same words, hence the same masks; checked against the primitive
+    # and against the numpy reference above, including counters with a high word.
+    from jax.extend.random import threefry2x32_p
+    from taskvec_jax.merging.drop_and_rescale import _keep_mask, _threefry2x32
+    rng = np.random.default_rng(12)
+    x1 = rng.integers(0, 2**32, 4096, dtype=np.uint32)
+    x2 = rng.integers(0, 2**32, 4096, dtype=np.uint32)
+    for seed in (0, 5, 2**31 - 1):
+        k1, k2 = (jnp.asarray(w) for w in np.asarray(jax.random.key_data(jax.random.key(seed))))
+        got = jax.jit(_threefry2x32)(k1, k2, jnp.asarray(x1), jnp.asarray(x2))
+        want = threefry2x32_p.bind(k1, k2, jnp.asarray(x1), jnp.asarray(x2))
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        with np.errstate(over="ignore"):
+            ref = _threefry2x32_np(np.uint32(k1), np.uint32(k2), x1, x2)
+        for g, w in zip(got, ref):
+            np.testing.assert_array_equal(np.asarray(g), w)
+    key = jax.random.key(4)
+    for shape in [(7, 5), (1000,)]:
+        np.testing.assert_array_equal(np.asarray(_keep_mask(key, 0.3, shape, unrolled=True)),
+                                      np.asarray(_keep_mask(key, 0.3, shape)))
+
+
+def test_dare_task_arithmetic_stores_no_dropped_task_vector():
+    # Each leaf is one program (shared by leaves of one shape): XLA's buffer assignment
+    # holds its output and nothing leaf-sized besides (the T hashes, drops and the sum
+    # are one fused pass). With the primitive's rolled hash loop, each task's words were
+    # stored: 8 tasks' words and quotients, about 2 leaves per task.
+    from taskvec_jax.merging import drop_and_rescale as D
+    leaf = jax.ShapeDtypeStruct((3072, 768), jnp.float32)     # ViT-B/32's MLP weight
+    nbytes = 3072 * 768 * 4
+    compiled = D._dare_task_arithmetic_leaf_jit.lower(
+        leaf, (leaf,) * 8, jnp.full(8, 0.3), 0.9, jax.random.key(0), jnp.uint32(3),
+        rescale=True).compile()
+    analysis = compiled.memory_analysis()
+    assert analysis.output_size_in_bytes == nbytes
+    assert analysis.temp_size_in_bytes < 0.01 * nbytes, analysis.temp_size_in_bytes
 
 
 def test_dare_mean_over_keys_converges_to_the_input():

@@ -312,7 +312,7 @@ def test_sharded_merges_never_gather_a_leaf(monkeypatch):
     for method in ("ties_global", "breadcrumbs_row", "dare_task_arithmetic"):
         _MERGES[method](sbase, staus)
     assert {c[0].__name__ for c in calls} == {"_local_thresholds", "_ties_merge",
-                                               "_breadcrumbs_merge", "_dare_task_arithmetic"}
+                                               "_breadcrumbs_merge", "_dare_task_arithmetic_leaf"}
     for fn, lay, args, in_specs, out_specs, static in calls:
         compiled = _shards._run.lower(args, fn=fn, mesh=lay.mesh,
                                       in_specs=_shards._Frozen(in_specs),

@@ -91,21 +91,52 @@ def _drop_and_rescale(task_vector, drop_rate, key, rescale, shards=None):
         if _common.is_param(x) else x for i, x in enumerate(leaves)])
 
 
-def _drop_leaf(x, drop_rate, key, i, rescale, shards):
-    """Leaf ``i`` of :func:`dare` (its draws from ``fold_in(key, i)``)."""
-    keep = _keep_mask(jax.random.fold_in(key, i), 1.0 - drop_rate, jnp.shape(x), shards)
+def _drop_leaf(x, drop_rate, key, i, rescale, shards, unrolled=False):
+    """Leaf ``i`` of :func:`dare` (its draws from ``fold_in(key, i)``; ``unrolled``: see
+    :func:`_keep_mask`)."""
+    keep = _keep_mask(jax.random.fold_in(key, i), 1.0 - drop_rate, jnp.shape(x), shards,
+                      unrolled)
+    # Non-finite entries are never dropped: under jit they propagate (eagerly they
+    # were rejected by check_finite). A dropped entry is divided by 1, so the quotient
+    # is finite exactly where x is, and x / q is computed once (XLA stores a value used
+    # twice, a leaf-sized buffer per task in dare_task_arithmetic's fused sum).
+    kept = keep | ~jnp.isfinite(x)
     if rescale:
         # A per-entry divisor: XLA on CPU turns division by a broadcast scalar into
         # multiplication by its reciprocal, which is off by an ulp; this way every
         # survivor is the correctly rounded x / (1 - p).
         one = jnp.ones((), x.dtype)
         x = x / jnp.where(keep, (1 - drop_rate).astype(x.dtype), one)
-    # Non-finite entries are never dropped: under jit they propagate (eagerly they
-    # were rejected by check_finite).
-    return jnp.where(keep | ~jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+    return jnp.where(kept, x, jnp.zeros((), x.dtype))
 
 
-def _keep_mask(key: jax.Array, keep_prob, shape: tuple[int, ...], shards=None) -> jax.Array:
+def _rotate_left(x, r: int):
+    return lax.shift_left(x, jnp.uint32(r)) | lax.shift_right_logical(x, jnp.uint32(32 - r))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+    """The Threefry-2x32 hash, 20 rounds (Salmon et al., SC 2011), written out in ``jnp``:
+    the words of ``threefry2x32_p`` bit for bit (tests/test_merging_dare.py).
+
+    On CPU JAX lowers ``threefry2x32_p`` as a rolled ``while`` loop, whose output words
+    are materialized: in :func:`dare_task_arithmetic` every task's words of a leaf were
+    alive at once (15 models of temporaries for ``T = 8`` at ViT-B/32 shapes, by XLA's
+    ``memory_analysis()``). Written out, the rounds are elementwise and XLA fuses them
+    into the merge's one pass (0.002 models).
+    """
+    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
+            x1 = x1 + x2
+            x2 = _rotate_left(x2, r) ^ x1
+        x1 = x1 + ks[(i + 1) % 3]
+        x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x1, x2
+
+
+def _keep_mask(key: jax.Array, keep_prob, shape: tuple[int, ...], shards=None,
+               unrolled: bool = False) -> jax.Array:
     """``Bernoulli(keep_prob)`` draws of ``shape``, each from 24 uniform random bits.
 
     A threefry key (JAX's default) hashes each counter into two 32-bit words, and
@@ -122,14 +153,18 @@ def _keep_mask(key: jax.Array, keep_prob, shape: tuple[int, ...], shards=None) -
     and each entry hashes the counter of its position in the whole leaf, taking the
     word the whole leaf's draw gives it: the block's mask is that block of the whole
     leaf's mask (each device computes both words of its entries' counters).
+
+    ``unrolled``: the hash is :func:`_threefry2x32` (the same words, fusible) instead of
+    ``threefry2x32_p`` (compact, compiled quickly).
     """
+    hash_fn = _threefry2x32 if unrolled else threefry2x32_p.bind
     if shards is not None and shards.size >= 2:
         m = (shards.size + 1) // 2
         k1, k2 = jax.random.key_data(key)
         pos = shards.flat_position(lax.iota(jnp.uint32, math.prod(shape)))
         first = pos < m
-        w1, w2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(pos),
-                                     jnp.where(first, pos, pos - jnp.uint32(m)))
+        w1, w2 = hash_fn(k1, k2, jnp.zeros_like(pos),
+                         jnp.where(first, pos, pos - jnp.uint32(m)))
         words = jnp.where(first, w1, w2)
         uniform = (words >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
         return (uniform < keep_prob).reshape(shape)
@@ -139,7 +174,7 @@ def _keep_mask(key: jax.Array, keep_prob, shape: tuple[int, ...], shards=None) -
         return jax.random.bernoulli(key, keep_prob, shape)
     k1, k2 = jax.random.key_data(key)         # typed or raw (uint32[2]) keys alike
     hi = jnp.zeros((m,), jnp.uint32)          # the counters j < 2**32 fit the low word
-    w1, w2 = threefry2x32_p.bind(k1, k2, hi, lax.iota(jnp.uint32, m))
+    w1, w2 = hash_fn(k1, k2, hi, lax.iota(jnp.uint32, m))
     words = jnp.concatenate([w1, w2])[:n]
     uniform = (words >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
     return (uniform < keep_prob).reshape(shape)
@@ -157,10 +192,14 @@ def dare_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *,
     Task ``t`` draws its drop mask with ``key_t = jax.random.fold_in(key, t)`` (then leaf
     ``i`` within it with ``fold_in(key_t, i)``, see :func:`dare`), so the result equals
     ``task_arithmetic(base, [dare(tau_t, drop_rate=p, key=fold_in(key, t)) for t],
-    alpha=alpha)``, computed in one program with one accumulator.
+    alpha=alpha)`` (the same sum, leaf by leaf), computed without storing any dropped
+    task vector.
 
-    Memory: one model-sized accumulator (at least float32) and the output; the dropped
-    task vectors are fused into the sum, never stacked.
+    Memory: the output and nothing else model-sized: each leaf is one program whose one
+    fused pass hashes, drops, rescales and adds the ``T`` task leaves (leaves of one
+    shape share the compiled program; under an outer ``jax.jit`` the leaves are traced
+    into the caller's program). On sharded task vectors each device does so for its
+    blocks.
 
     Args:
       base: the pretrained model.
@@ -182,22 +221,59 @@ def dare_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *,
     _common.check_finite(task_vectors)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
     _check_drop_rate(drop_rate)
+    rescale = bool(rescale)
+    task_vectors = tuple(task_vectors)
+    if _common.is_traced((base, task_vectors, alphas, drop_rate, key)):
+        return _dare_task_arithmetic(base, task_vectors, alphas, drop_rate, key,
+                                     rescale=rescale)
+    # Eagerly: one program per leaf, shared by the leaves of one shape and layout (the
+    # leaf's index is an argument): T hashes written out per program compile in seconds,
+    # where one program for a 150-leaf tree took minutes.
     lay = _sharded_layout(task_vectors[0], key)
-    if lay is not None:     # each device drops and adds its blocks (see _shards)
-        specs = _shards.tree_specs(task_vectors[0], lay)
-        return _shards.run(_dare_task_arithmetic, lay,
-                           (base, tuple(task_vectors), alphas, drop_rate, key),
-                           (specs, (specs,) * len(task_vectors), P(), P(), P()), specs,
-                           rescale=bool(rescale), shards=lay.shards)
-    return _dare_task_arithmetic_jit(base, tuple(task_vectors), alphas, drop_rate, key,
-                                     rescale=bool(rescale))
+    base_leaves, treedef = _common.flatten(base)
+    task_leaves = [_common.flatten(tv)[0] for tv in task_vectors]
+    out = []
+    for i, b in enumerate(base_leaves):
+        xs = tuple(leaves[i] for leaves in task_leaves)
+        if not _common.is_param(xs[0]):
+            out.append(b)
+            continue
+        index = jnp.asarray(i, jnp.uint32)
+        if lay is not None:     # each device drops and adds its blocks (see _shards)
+            spec = lay.specs[i]
+            out.append(_shards.run(_dare_task_arithmetic_leaf, lay,
+                                   (b, xs, alphas, drop_rate, key, index),
+                                   (spec, (spec,) * len(xs), P(), P(), P(), P()), spec,
+                                   rescale=rescale, shards=lay.shards[i]))
+        else:
+            out.append(_dare_task_arithmetic_leaf_jit(b, xs, alphas, drop_rate, key, index,
+                                                      rescale=rescale))
+    return jax.tree.unflatten(treedef, out)
 
 
-def _dare_task_arithmetic(base, task_vectors, alphas, drop_rate, key, *, rescale,
-                          shards=None):
-    dropped = [_drop_and_rescale(tv, drop_rate, jax.random.fold_in(key, t), rescale, shards)
-               for t, tv in enumerate(task_vectors)]
+def _dare_task_arithmetic_leaf(base, task_leaves, alphas, drop_rate, key, i, *, rescale,
+                               shards=None):
+    """Leaf ``i`` of the merge: ``base + sum_t alphas[t] * dare(task_leaves[t])``, the
+    drops fused into :func:`~taskvec_jax.merging.arithmetic.add_weighted`'s sum (one pass,
+    nothing leaf-sized stored; the hash written out, :func:`_threefry2x32`)."""
+    dropped = [_drop_leaf(x, drop_rate, jax.random.fold_in(key, t), i, rescale, shards,
+                          unrolled=True) for t, x in enumerate(task_leaves)]
     return arithmetic.add_weighted(base, dropped, alphas)
 
 
-_dare_task_arithmetic_jit = jax.jit(_dare_task_arithmetic, static_argnames=("rescale",))
+_dare_task_arithmetic_leaf_jit = jax.jit(_dare_task_arithmetic_leaf,
+                                         static_argnames=("rescale",))
+
+
+def _dare_task_arithmetic(base, task_vectors, alphas, drop_rate, key, *, rescale):
+    """The whole merge in one traced function (the path under an outer ``jax.jit``)."""
+    drop_rate = jnp.asarray(drop_rate)    # as a jitted function's argument would be
+    base_leaves, treedef = _common.flatten(base)
+    task_leaves = [_common.flatten(tv)[0] for tv in task_vectors]
+    out = []
+    for i, b in enumerate(base_leaves):
+        xs = tuple(leaves[i] for leaves in task_leaves)
+        out.append(_dare_task_arithmetic_leaf(b, xs, alphas, drop_rate, key, i,
+                                              rescale=rescale)
+                   if _common.is_param(xs[0]) else b)
+    return jax.tree.unflatten(treedef, out)
