@@ -8,7 +8,10 @@ in units of ``model / D``.
 
 What is measured: XLA's own buffer assignment of every program the merge runs
 (``compiled.memory_analysis()``, per device: its output and temporary buffers), on top of
-the ``T + 1`` input blocks each device holds throughout. On fake CPU devices (this
+the ``T + 1`` input blocks each device holds throughout and of the outputs of the
+programs run before it that are still alive when it starts (weak references: rankings'
+thresholds until their leaves are merged, merged leaves to the end); the largest such
+sum over the programs, in order. On fake CPU devices (this
 machine) these programs are the same SPMD programs a TPU slice runs; host RSS would sum
 all devices, so it is not used. Runs in its own process (XLA fixes the device count at
 start-up).
@@ -47,14 +50,31 @@ taus = [tree(t + 1, 1e-3) for t in range(num_tasks)]
 model_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
 share = model_bytes / devices
 
+import math, weakref
 calls = []
+outputs = []     # weak references to every program's outputs, with their bytes per device
 run = _shards.run
+
+def per_device(x):
+    return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+
+def abstract(x):     # recorded for compiling later, without keeping the buffers alive
+    if not isinstance(x, jax.Array):
+        return x
+    placed = isinstance(x.sharding, NamedSharding)   # the rest is uncommitted (one device)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if placed else None)
+
 def recording(fn, lay, args, in_specs, out_specs, **static):
-    calls.append((fn, lay, tuple(args), in_specs, out_specs, static))
-    return run(fn, lay, args, in_specs, out_specs, **static)
+    # what the merge still holds when this program starts: earlier outputs not yet freed
+    alive = sum(nbytes for ref, nbytes in outputs if ref() is not None)
+    calls.append((fn, lay, jax.tree.map(abstract, tuple(args)), in_specs, out_specs, static,
+                  alive))
+    result = run(fn, lay, args, in_specs, out_specs, **static)
+    outputs.extend((weakref.ref(x), per_device(x)) for x in jax.tree.leaves(result))
+    return result
 _shards.run = recording
 
-def analysed(fn, lay, args, in_specs, out_specs, static):
+def analysed(fn, lay, args, in_specs, out_specs, static, alive=None):
     return _shards._run.lower(args, fn=fn, mesh=lay.mesh,
                               in_specs=_shards._Frozen(tuple(in_specs)),
                               out_specs=_shards._Frozen(out_specs),
@@ -72,21 +92,34 @@ methods = {
 rows = {}
 for name, merge in methods.items():
     calls.clear()
+    outputs.clear()
     out = jax.block_until_ready(merge())
     if name == "task_arithmetic":     # elementwise: GSPMD's program, not shard_map's
         compiled = [arithmetic._add_weighted_jit.lower(
             base, tuple(taus), jnp.full(num_tasks, 0.3)).compile()]
+        per_program = [(m.output_size_in_bytes + m.temp_size_in_bytes) / share
+                       for m in (c.memory_analysis() for c in compiled)]
     else:   # one compilation per distinct program (leaves of one shape share theirs)
-        distinct = {}
+        distinct, order = {}, []
         for c in calls:
             shapes_of = tuple((jnp.shape(x), str(jnp.result_type(x)))
                               for x in jax.tree.leaves(c[2]))
             options = sorted((k, v) for k, v in c[5].items() if k != "indices")
-            distinct.setdefault((c[0], repr(c[3]), repr(options), shapes_of), c)
-        compiled = [analysed(*c) for c in distinct.values()]
+            key = (c[0], repr(c[3]), repr(options), shapes_of)
+            distinct.setdefault(key, c)
+            order.append((key, c[6]))
+        analyses = {k: analysed(*c) for k, c in distinct.items()}
+        compiled = list(analyses.values())
+        # The programs run one after the other: while program p runs, a device holds the
+        # outputs of the earlier programs that the merge has not freed yet (rankings'
+        # thresholds until their leaf is merged, merged leaves to the end), p's own
+        # output and p's temporaries.
+        per_program = []
+        for k, alive in order:
+            m = analyses[k].memory_analysis()
+            per_program.append((alive + m.output_size_in_bytes + m.temp_size_in_bytes)
+                               / share)
     text = "".join(c.as_text() for c in compiled)
-    per_program = [(m.output_size_in_bytes + m.temp_size_in_bytes) / share
-                   for m in (c.memory_analysis() for c in compiled)]
     kept = all(out[k].sharding.is_equivalent_to(base[k].sharding, len(s))
                for k, s in shapes.items())
     rows[name] = {"peak_copies_per_device": num_tasks + 1 + max(per_program),

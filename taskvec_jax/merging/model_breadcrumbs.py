@@ -72,6 +72,9 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
     if lay is not None:     # each device merges its blocks (see _shards)
         leaves = [_common.flatten(tv)[0] for tv in task_vectors]
         thresholds = _shards.thresholds(leaves, lay, density, outliers, scope)
+        if scope != "global":
+            return _merge_sharded_by_leaf(base, leaves, thresholds, alphas, lay, outliers,
+                                          scope)
         thr_specs = [_shards.threshold_specs(leaves[0], lay, outliers, scope)] * len(leaves)
         specs = _shards.tree_specs(task_vectors[0], lay)
         return _shards.run(_breadcrumbs_merge, lay,
@@ -83,6 +86,43 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
     thresholds = [_select.band_thresholds_eager(_common.flatten(tv)[0], density, outliers,
                                                 scope) for tv in task_vectors]
     return _breadcrumbs_merge_jit(base, tuple(task_vectors), thresholds, alphas, scope=scope)
+
+
+def _merge_sharded_by_leaf(base, task_leaves, thresholds, alphas, lay, outliers, scope):
+    """The leaf and row scopes on a sharded tree, after every task's ranking: one merge
+    program per leaf, each leaf's thresholds released once it is merged.
+
+    The row scope's thresholds are four numbers per row and task (0.05 of a model's
+    blocks for ``T = 8`` at ViT-B/32 shapes); merged all at once they were alive beside
+    the whole output. Released leaf by leaf, thresholds and merged blocks together stay
+    under one model's blocks. (Ranking leaf by leaf instead would run the later leaves'
+    rankings, whose transients are a few blocks, beside almost the whole output.) The
+    output is the same whatever the order: each leaf is its own sum.
+    ``thresholds``: :func:`~taskvec_jax.merging._shards.thresholds`' lists, one per task
+    (emptied here).
+    """
+    base_leaves, treedef = _common.flatten(base)
+    out = list(base_leaves)
+    groups = [indices for indices, _, _ in _select.groups(task_leaves[0], scope)]
+    # Shortest rows first: their thresholds weigh most against their entries (a row of
+    # 32 entries has as many bytes of thresholds over 8 tasks as of entries), so the
+    # thresholds still held shrink faster than the merged output grows.
+    order = sorted(range(len(groups)),
+                   key=lambda g: (jnp.shape(task_leaves[0][groups[g][0]]) or (1,))[-1])
+    for g in order:
+        i, = groups[g]
+        sub = _shards.Layout(lay.mesh, (lay.specs[i],), (lay.shards[i],))
+        xs = tuple([leaves[i]] for leaves in task_leaves)          # one-leaf trees
+        thr = [[task[g]] for task in thresholds]
+        for task in thresholds:
+            task[g] = None
+        specs = [lay.specs[i]]
+        thr_specs = [_shards.threshold_specs(xs[0], sub, outliers, scope)] * len(xs)
+        out[i], = _shards.run(_breadcrumbs_merge, sub, ([base_leaves[i]], xs, thr, alphas),
+                              (specs, (specs,) * len(xs), thr_specs, P()), specs,
+                              scope=scope, shards=sub.shards)
+        del thr
+    return jax.tree.unflatten(treedef, out)
 
 
 def _thresholds(task_vector, *, density, outliers, scope):
