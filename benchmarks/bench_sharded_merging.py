@@ -160,8 +160,10 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             "setting": f"T={num_tasks} task vectors + base, ViT-B/32 shapes (float32), "
                        f"every leaf split over D={devices} "
                        + ("fake CPU devices" if got["platform"] == "cpu" else "devices")
-                       + "; XLA's buffer assignment per device, on top of the T+1 input "
-                       f"blocks, judged to 1e-3 copies; {r['programs']} program run(s), "
+                       + "; XLA's buffer assignment per device (each program's output and "
+                       "temporaries, plus the earlier programs' outputs still alive), on top "
+                       f"of the T+1 input blocks, judged to 1e-3 copies; {r['programs']} "
+                       "program run(s), "
                        f"{r['gathers']} gathers, "
                        "output " + ("sharded like the input" if r["output_sharded_like_input"]
                                     else "NOT sharded like the input"),
