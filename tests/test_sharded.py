@@ -335,6 +335,36 @@ def test_sharded_merges_never_gather_a_leaf(monkeypatch):
     assert any(fn.__name__ == "_local_thresholds" for fn, *_ in calls)
 
 
+def test_sharded_breadcrumbs_releases_each_leafs_thresholds_once_merged(monkeypatch):
+    # Row scope: every task is ranked first, then one merge program per leaf; a leaf's
+    # thresholds (four numbers per row and task) are freed once it is merged, so that the
+    # thresholds still held shrink while the merged output grows (per-device peak at
+    # ViT-B/32 shapes: benchmarks/bench_sharded_merging.py).
+    import weakref
+    from taskvec_jax.merging import _shards
+    thresholds, alive_at_merge = [], []
+    run = _shards.run
+
+    def recording(fn, lay, args, in_specs, out_specs, **static):
+        if fn.__name__ == "_breadcrumbs_merge":
+            alive_at_merge.append(sum(r() is not None for r in thresholds))
+        out = run(fn, lay, args, in_specs, out_specs, **static)
+        if fn.__name__ == "_local_thresholds":
+            thresholds.extend(weakref.ref(x) for x in jax.tree.leaves(out))
+        return out
+    monkeypatch.setattr(_shards, "run", recording)
+    (base, taus), (sbase, staus) = _merge_inputs()
+    got = _MERGES["breadcrumbs_row"](sbase, staus)
+    leaves = [k for k, x in base.items() if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    assert len(alive_at_merge) == len(leaves) > 1           # one merge program per leaf
+    assert alive_at_merge[0] == len(thresholds)             # every ranking ran first
+    assert all(a > b for a, b in zip(alive_at_merge, alive_at_merge[1:]))   # released
+    assert sum(r() is not None for r in thresholds) == 0
+    want = _MERGES["breadcrumbs_row"](base, taus)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
 def test_sharded_merge_checks():
     mesh = jax.make_mesh((4, 2), ("a", "b"))
     other = jax.make_mesh((2, 4), ("a", "b"))
