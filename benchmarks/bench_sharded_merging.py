@@ -74,7 +74,7 @@ def recording(fn, lay, args, in_specs, out_specs, **static):
     return result
 _shards.run = recording
 
-def analysed(fn, lay, args, in_specs, out_specs, static, alive=None):
+def analysed(fn, lay, args, in_specs, out_specs, static):
     return _shards._run.lower(args, fn=fn, mesh=lay.mesh,
                               in_specs=_shards._Frozen(tuple(in_specs)),
                               out_specs=_shards._Frozen(out_specs),
@@ -108,7 +108,7 @@ for name, merge in methods.items():
             key = (c[0], repr(c[3]), repr(options), shapes_of)
             distinct.setdefault(key, c)
             order.append((key, c[6]))
-        analyses = {k: analysed(*c) for k, c in distinct.items()}
+        analyses = {k: analysed(*c[:6]) for k, c in distinct.items()}
         compiled = list(analyses.values())
         # The programs run one after the other: while program p runs, a device holds the
         # outputs of the earlier programs that the merge has not freed yet (rankings'

@@ -7,7 +7,6 @@ merge DARE + task arithmetic. DARE-TIES is
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -18,7 +17,7 @@ from jax.extend.random import threefry2x32_p
 
 from jax.sharding import PartitionSpec as P
 
-from taskvec_jax.merging import _common, _shards, arithmetic
+from taskvec_jax.merging import _common, _leafwise, _shards, arithmetic
 
 PyTree = Any
 
@@ -230,25 +229,18 @@ def dare_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *,
     # leaf's index is an argument): T hashes written out per program compile in seconds,
     # where one program for a 150-leaf tree took minutes.
     lay = _sharded_layout(task_vectors[0], key)
-    base_leaves, treedef = _common.flatten(base)
-    task_leaves = [_common.flatten(tv)[0] for tv in task_vectors]
-    out = []
-    for i, b in enumerate(base_leaves):
-        xs = tuple(leaves[i] for leaves in task_leaves)
-        if not _common.is_param(xs[0]):
-            out.append(b)
-            continue
-        index = jnp.asarray(i, jnp.uint32)
-        if lay is not None:     # each device drops and adds its blocks (see _shards)
-            spec = lay.specs[i]
-            out.append(_shards.run(_dare_task_arithmetic_leaf, lay,
-                                   (b, xs, alphas, drop_rate, key, index),
-                                   (spec, (spec,) * len(xs), P(), P(), P(), P()), spec,
-                                   rescale=rescale, shards=lay.shards[i]))
-        else:
-            out.append(_dare_task_arithmetic_leaf_jit(b, xs, alphas, drop_rate, key, index,
-                                                      rescale=rescale))
-    return jax.tree.unflatten(treedef, out)
+    index = {path: i for i, path in enumerate(_common.leaf_paths(base))}
+
+    def merge_leaf(path, b, xs, alphas):
+        i = index[path]
+        args = (b, xs, alphas, drop_rate, key, jnp.asarray(i, jnp.uint32))
+        if lay is None:
+            return _dare_task_arithmetic_leaf_jit(*args, rescale=rescale)
+        spec = lay.specs[i]     # each device drops and adds its blocks (see _shards)
+        return _shards.run(_dare_task_arithmetic_leaf, lay, args,
+                           (spec, (spec,) * len(xs), P(), P(), P(), P()), spec,
+                           rescale=rescale, shards=lay.shards[i])
+    return _leafwise.merge_leaves(base, task_vectors, alphas, merge_leaf)
 
 
 def _dare_task_arithmetic_leaf(base, task_leaves, alphas, drop_rate, key, i, *, rescale,
@@ -268,12 +260,8 @@ _dare_task_arithmetic_leaf_jit = jax.jit(_dare_task_arithmetic_leaf,
 def _dare_task_arithmetic(base, task_vectors, alphas, drop_rate, key, *, rescale):
     """The whole merge in one traced function (the path under an outer ``jax.jit``)."""
     drop_rate = jnp.asarray(drop_rate)    # as a jitted function's argument would be
-    base_leaves, treedef = _common.flatten(base)
-    task_leaves = [_common.flatten(tv)[0] for tv in task_vectors]
-    out = []
-    for i, b in enumerate(base_leaves):
-        xs = tuple(leaves[i] for leaves in task_leaves)
-        out.append(_dare_task_arithmetic_leaf(b, xs, alphas, drop_rate, key, i,
-                                              rescale=rescale)
-                   if _common.is_param(xs[0]) else b)
-    return jax.tree.unflatten(treedef, out)
+    index = {path: i for i, path in enumerate(_common.leaf_paths(base))}
+    return _leafwise.merge_leaves(
+        base, task_vectors, alphas,
+        lambda path, b, xs, alphas: _dare_task_arithmetic_leaf(
+            b, xs, alphas, drop_rate, key, index[path], rescale=rescale))

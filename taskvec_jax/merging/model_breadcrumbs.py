@@ -121,7 +121,6 @@ def _merge_sharded_by_leaf(base, task_leaves, thresholds, alphas, lay, outliers,
         out[i], = _shards.run(_breadcrumbs_merge, sub, ([base_leaves[i]], xs, thr, alphas),
                               (specs, (specs,) * len(xs), thr_specs, P()), specs,
                               scope=scope, shards=sub.shards)
-        del thr
     return jax.tree.unflatten(treedef, out)
 
 
