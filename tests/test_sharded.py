@@ -261,6 +261,14 @@ _MERGES = {
     "dare_task_arithmetic": lambda b, ts: tvj.merging.dare_task_arithmetic(
         b, ts, alpha=0.3, drop_rate=0.4, key=jax.random.key(5)),
     "task_arithmetic": lambda b, ts: tvj.merging.task_arithmetic(b, ts, alpha=[1.0, -0.5, 2.0]),
+    # elementwise merges, and DELLA (its ranking sort gathers one leaf at a time)
+    "magmax": lambda b, ts: tvj.merging.magmax(b, ts, alpha=0.5),
+    "consensus": lambda b, ts: tvj.merging.consensus(b, ts, mask_lambda=0.3),
+    "tall_masks": lambda b, ts: tvj.merging.tall_masks(ts, mask_lambda=0.3)[1],
+    "della": lambda b, ts: tvj.merging.della(b, ts, key=jax.random.key(2), density=0.5,
+                                             alpha=0.8, weights=[0.7, 0.2, 1.0]),
+    "della_linear_probability": lambda b, ts: tvj.merging.della_linear(
+        b, ts, key=jax.random.key(4), density=0.4, epsilon=0.1, rescale="probability"),
 }
 
 
