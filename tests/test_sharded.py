@@ -261,6 +261,10 @@ _MERGES = {
     "dare_task_arithmetic": lambda b, ts: tvj.merging.dare_task_arithmetic(
         b, ts, alpha=0.3, drop_rate=0.4, key=jax.random.key(5)),
     "task_arithmetic": lambda b, ts: tvj.merging.task_arithmetic(b, ts, alpha=[1.0, -0.5, 2.0]),
+    # the subspace merges (each matrix gathered for its SVDs, the result laid out back)
+    "iso_c": lambda b, ts: tvj.merging.iso_c(b, ts, alpha=[0.7, 0.2, -1.0]),
+    "iso_cts": lambda b, ts: tvj.merging.iso_cts(b, ts, common_space_fraction=0.5),
+    "tsv": lambda b, ts: tvj.merging.tsv(b, ts, alpha=0.6),
     # elementwise merges, and DELLA (its ranking sort gathers one leaf at a time)
     "magmax": lambda b, ts: tvj.merging.magmax(b, ts, alpha=0.5),
     "consensus": lambda b, ts: tvj.merging.consensus(b, ts, mask_lambda=0.3),
@@ -286,6 +290,15 @@ def test_sharded_merge_equals_the_unsharded_merge_bit_for_bit(method):
         if k != "i":   # every block stays where its input's block was
             assert got[k].sharding.is_equivalent_to(NamedSharding(staus[0][k].sharding.mesh,
                                                                   spec), got[k].ndim), k
+
+
+def test_task_interference_of_sharded_task_vectors_equals_the_unsharded_one():
+    (_, taus), (_, staus) = _merge_inputs()
+    want = tvj.merging.task_interference(taus, reduce=False)
+    got = tvj.merging.task_interference(staus, reduce=False)
+    assert list(got) == list(want) and len(want) >= 2
+    for path in want:
+        assert float(got[path]) == float(want[path]), path
 
 
 @pytest.mark.parametrize("method", ["ties_global", "ties_leaf_count_sum"])

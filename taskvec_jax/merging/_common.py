@@ -40,8 +40,8 @@ PyTree = Any
 __all__ = [
     "accumulation_dtype", "check_density", "check_finite", "check_models", "check_outliers",
     "count_of",
-    "exact", "flatten", "flatten_tasks", "fold_tasks", "is_none", "is_param", "is_traced",
-    "map_tasks",
+    "exact", "flatten", "flatten_tasks", "fold_tasks", "gathered", "is_none", "is_param",
+    "is_traced", "laid_out_like", "map_tasks",
     "leaf_paths", "per_task_alpha", "scalar_alpha", "static_number",
 ]
 
@@ -221,6 +221,27 @@ def map_tasks(fn, items: Sequence[Any]) -> list[Any]:
 
     out = jax.lax.fori_loop(0, len(items), body, init)
     return [jax.tree.map(lambda a, t=t: a[t], out) for t in range(len(items))]
+
+
+def gathered(x: Any) -> Any:
+    """``x`` whole on every device when it is sharded over a mesh (explicit axes), as is
+    otherwise (``None`` included). For the steps XLA runs only on unsharded axes (sorts,
+    SVDs) inside a leaf's program; :func:`laid_out_like` puts the result back."""
+    if x is None:
+        return x
+    sharding = jax.typeof(x).sharding
+    if sharding.mesh.empty or all(e is None for e in sharding.spec):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh,
+                                                              jax.sharding.PartitionSpec()))
+
+
+def laid_out_like(a: jax.Array, x: Any) -> jax.Array:
+    """``a`` sharded as ``x`` (same shape) when ``x`` is sharded over a mesh."""
+    sharding = jax.typeof(x).sharding
+    if sharding.mesh.empty or jax.typeof(a).sharding.spec == sharding.spec:
+        return a
+    return jax.sharding.reshard(a, sharding)
 
 
 def is_traced(tree: Any) -> bool:

@@ -315,8 +315,10 @@ def _check_della(density, epsilon, rescale):
 
 def _probs(x, split, density, epsilon):
     """Keep probabilities ``(d - eps) + 2 eps * rank / (n - 1)`` over each ranking group,
-    laid out as ``x``."""
-    like, x = x, _replicated(x)
+    laid out as ``x``. A sort ranks along an unsharded axis only, and DELLA ranks whole
+    columns (or a whole leaf), so a sharded leaf is gathered for the ranking (once per task
+    it prunes: up to ``T`` copies of one leaf per device; docs/merging.md)."""
+    like, x = x, _common.gathered(x)
     v = x.reshape(-1, 1) if split is None else as_matrix(x, split)
     n = v.shape[0]
     if n == 1:                 # one entry per group: the middle of the band
@@ -338,27 +340,7 @@ def _probs(x, split, density, epsilon):
             jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], vt.shape))
         rank_norm = rank.T.astype(x.dtype) / (n - 1)
     p = (density - epsilon) + rank_norm * (2 * epsilon)
-    return _like(p.reshape(x.shape), like)
-
-
-def _replicated(x):
-    """``x`` whole on every device when it is sharded over a mesh (explicit axes); as is
-    otherwise. A sort ranks along an unsharded axis only, and DELLA ranks whole columns
-    (or a whole leaf), so each leaf's program gathers that leaf (once per task it prunes:
-    up to ``T`` copies of one leaf per device; docs/merging.md)."""
-    sharding = jax.typeof(x).sharding
-    if sharding.mesh.empty or all(e is None for e in sharding.spec):
-        return x
-    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh,
-                                                              jax.sharding.PartitionSpec()))
-
-
-def _like(a, x):
-    """``a`` laid out as ``x`` (same shape) when ``x`` is sharded over a mesh."""
-    sharding = jax.typeof(x).sharding
-    if sharding.mesh.empty or jax.typeof(a).sharding.spec == sharding.spec:
-        return a
-    return jax.sharding.reshard(a, sharding)
+    return _common.laid_out_like(p.reshape(x.shape), like)
 
 
 def _prune(x, u, split, density, epsilon, rescale):

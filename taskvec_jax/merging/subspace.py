@@ -144,7 +144,10 @@ def _matrix_jit(ref, mats, alphas, *, method, fraction):
     fn = _MATRIX_FNS[method]
     if method == "iso_cts":
         fn = functools.partial(fn, fraction=fraction)
-    return _leafwise.finish(ref, fn(_leafwise.scaled(mats, alphas)), mats[0])
+    # an SVD needs its whole matrix: a sharded leaf is gathered, the result laid out back
+    whole = [_common.gathered(m) for m in mats]
+    out = _leafwise.finish(_common.gathered(ref), fn(_leafwise.scaled(whole, alphas)), whole[0])
+    return _common.laid_out_like(out, mats[0])
 
 
 @jax.jit
@@ -438,8 +441,8 @@ def _interference_jit(task_vectors, *, is_matrix, rank):
         if split is None:
             continue
         adt = _common.accumulation_dtype(jnp.result_type(x0))
-        mats = [as_matrix(jnp.asarray(leaves[i]).astype(adt), split)
-                for leaves in task_leaves]
+        mats = [as_matrix(_common.gathered(jnp.asarray(leaves[i])).astype(adt), split)
+                for leaves in task_leaves]     # whole matrices for the SVDs
         k = min(min(mats[0].shape), rank) if rank else min(mats[0].shape) // len(mats)
         if k == 0:
             continue
