@@ -242,6 +242,12 @@ def _merge_inputs(num_tasks=3):
     return (base, taus), (put(base), [put(t) for t in taus])
 
 
+def _finetuned(base, taus):
+    """``base + tau_t`` per task (the base's non-float leaf kept)."""
+    return [jax.tree.map(lambda b, t: b if t is None else b + t, base, tau,
+                         is_leaf=lambda x: x is None) for tau in taus]
+
+
 _MERGES = {
     "ties_global": lambda b, ts: tvj.merging.ties(b, ts, alpha=[0.7, 0.2, -1.0], density=0.3),
     "ties_leaf_count_sum": lambda b, ts: tvj.merging.ties(
@@ -261,6 +267,14 @@ _MERGES = {
     "dare_task_arithmetic": lambda b, ts: tvj.merging.dare_task_arithmetic(
         b, ts, alpha=0.3, drop_rate=0.4, key=jax.random.key(5)),
     "task_arithmetic": lambda b, ts: tvj.merging.task_arithmetic(b, ts, alpha=[1.0, -0.5, 2.0]),
+    # soups and geometric merges of the finetuned models base + tau_t (elementwise, and
+    # per-leaf or whole-tree norms and dot products)
+    "uniform_soup": lambda b, ts: tvj.merging.uniform_soup(_finetuned(b, ts)),
+    "fisher": lambda b, ts: tvj.merging.fisher(
+        _finetuned(b, ts), [jax.tree.map(lambda x: x * x + 0.5, t) for t in ts]),
+    "slerp_leaf": lambda b, ts: tvj.merging.slerp(*_finetuned(b, ts)[:2], t=0.3, base=b),
+    "slerp_global": lambda b, ts: tvj.merging.slerp(*_finetuned(b, ts)[1:], t=0.6,
+                                                    scope="global"),
     # the subspace merges (each matrix gathered for its SVDs, the result laid out back)
     "iso_c": lambda b, ts: tvj.merging.iso_c(b, ts, alpha=[0.7, 0.2, -1.0]),
     "iso_cts": lambda b, ts: tvj.merging.iso_cts(b, ts, common_space_fraction=0.5),
@@ -288,6 +302,20 @@ def test_sharded_merge_equals_the_unsharded_merge_bit_for_bit(method):
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
         assert np.asarray(got[k]).dtype == np.asarray(want[k]).dtype, k
         if k != "i":   # every block stays where its input's block was
+            assert got[k].sharding.is_equivalent_to(NamedSharding(staus[0][k].sharding.mesh,
+                                                                  spec), got[k].ndim), k
+
+
+def test_model_stock_of_sharded_models_equals_the_unsharded_one_to_rounding():
+    # Model Stock's cosines sum over the devices' blocks, in another order than on one
+    # device: equal to float32 rounding, laid out like the inputs.
+    (base, taus), (sbase, staus) = _merge_inputs()
+    want = tvj.merging.model_stock(base, _finetuned(base, taus))
+    got = tvj.merging.model_stock(sbase, _finetuned(sbase, staus))
+    for k, (_, spec) in _MERGE_SHAPES.items():
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6,
+                                   atol=1e-6, err_msg=k)
+        if k != "i":
             assert got[k].sharding.is_equivalent_to(NamedSharding(staus[0][k].sharding.mesh,
                                                                   spec), got[k].ndim), k
 
