@@ -279,7 +279,7 @@ _MERGES = {
     "iso_c": lambda b, ts: tvj.merging.iso_c(b, ts, alpha=[0.7, 0.2, -1.0]),
     "iso_cts": lambda b, ts: tvj.merging.iso_cts(b, ts, common_space_fraction=0.5),
     "tsv": lambda b, ts: tvj.merging.tsv(b, ts, alpha=0.6),
-    # elementwise merges, and DELLA (its ranking sort gathers one leaf at a time)
+    # elementwise merges, and DELLA (each leaf gathered for its ranking sort)
     "magmax": lambda b, ts: tvj.merging.magmax(b, ts, alpha=0.5),
     "consensus": lambda b, ts: tvj.merging.consensus(b, ts, mask_lambda=0.3),
     "tall_masks": lambda b, ts: tvj.merging.tall_masks(ts, mask_lambda=0.3)[1],
@@ -290,34 +290,37 @@ _MERGES = {
 }
 
 
-@pytest.mark.parametrize("method", list(_MERGES))
-def test_sharded_merge_equals_the_unsharded_merge_bit_for_bit(method):
-    (base, taus), (sbase, staus) = _merge_inputs()
-    want = _MERGES[method](base, taus)
-    got = _MERGES[method](sbase, staus)
+def _assert_merged_like(got, want, staus, rtol=0.0):
+    """``got`` (merged from the sharded inputs) equals ``want`` (bit for bit, or to
+    ``rtol``) with its dtypes, and every block stays where its input's block was."""
     for k, (_, spec) in _MERGE_SHAPES.items():
         if want[k] is None:
             assert got[k] is None, k
             continue
-        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+        if rtol:
+            np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=rtol,
+                                       atol=rtol, err_msg=k)
+        else:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
         assert np.asarray(got[k]).dtype == np.asarray(want[k]).dtype, k
-        if k != "i":   # every block stays where its input's block was
+        if k != "i":
             assert got[k].sharding.is_equivalent_to(NamedSharding(staus[0][k].sharding.mesh,
                                                                   spec), got[k].ndim), k
+
+
+@pytest.mark.parametrize("method", list(_MERGES))
+def test_sharded_merge_equals_the_unsharded_merge_bit_for_bit(method):
+    (base, taus), (sbase, staus) = _merge_inputs()
+    _assert_merged_like(_MERGES[method](sbase, staus), _MERGES[method](base, taus), staus)
 
 
 def test_model_stock_of_sharded_models_equals_the_unsharded_one_to_rounding():
     # Model Stock's cosines sum over the devices' blocks, in another order than on one
     # device: equal to float32 rounding, laid out like the inputs.
     (base, taus), (sbase, staus) = _merge_inputs()
-    want = tvj.merging.model_stock(base, _finetuned(base, taus))
-    got = tvj.merging.model_stock(sbase, _finetuned(sbase, staus))
-    for k, (_, spec) in _MERGE_SHAPES.items():
-        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6,
-                                   atol=1e-6, err_msg=k)
-        if k != "i":
-            assert got[k].sharding.is_equivalent_to(NamedSharding(staus[0][k].sharding.mesh,
-                                                                  spec), got[k].ndim), k
+    _assert_merged_like(tvj.merging.model_stock(sbase, _finetuned(sbase, staus)),
+                        tvj.merging.model_stock(base, _finetuned(base, taus)), staus,
+                        rtol=1e-6)
 
 
 def test_task_interference_of_sharded_task_vectors_equals_the_unsharded_one():
