@@ -63,6 +63,16 @@ def test_mlp_weight_norms_are_spectral_and_euclidean_norms():
     stacked = tree.stack([params, tree.scale(2.0, params)])  # leading batch axis
     w2, _ = theory.mlp_weight_norms(stacked)
     np.testing.assert_allclose(w2, np.stack([w, 2 * w]), rtol=1e-13)
+    # Kernels of one shape share one SVD (4x4 at layers 0 and 2, 4x2 at 1 and 3): each
+    # norm still lands at its own layer.
+    mixed = MLP(features=(4, 4, 4, 2, 4, 4), param_dtype=jnp.float64).init(
+        jax.random.key(1), jnp.zeros((1, 4)))["params"]
+    mixed = {"Dense_0": mixed["Dense_0"], "Dense_1": mixed["Dense_3"],
+             "Dense_2": mixed["Dense_1"], "Dense_3": {"kernel": mixed["Dense_3"]["kernel"] * 3,
+                                                      "bias": mixed["Dense_3"]["bias"]}}
+    w3, _ = theory.mlp_weight_norms(mixed)
+    np.testing.assert_allclose(w3, [np.linalg.norm(np.asarray(mixed[f"Dense_{i}"]["kernel"]), 2)
+                                    for i in range(4)], rtol=1e-13)
     nobias = MLP(features=(3, 2), use_bias=False, param_dtype=jnp.float64).init(
         jax.random.key(0), jnp.zeros((1, 4)))["params"]
     assert theory.mlp_weight_norms(nobias)[1] is None
