@@ -59,9 +59,14 @@ collect_ignore = ["test_sharded_subprocess.py"] if DEVICES else ["test_sharded.p
 # notebooks start second: tests/test_theorem_experiment.py and test_tangent_experiment.py
 # check notebooks 01 and 04's runs (tests/notebook_runs.py), and as they sort late they
 # find them done instead of waiting on them.
+# The rest follow by CPU time (tests/cpu_profile.py, 2026-12-02), so that only small files
+# are left for the end: a 20 CPU-s file last kept one core idle for its whole run.
 SLOWEST_FIRST = ("test_sharded_subprocess.py", "test_notebooks.py", "test_reproduce.py",
-                 "test_theory_bound.py", "test_theory.py",
-                 "test_models.py", "test_heads.py", "test_hessian.py", "test_finetune.py")
+                 "test_theory_bound.py", "test_merging_radix.py", "test_merging_select.py",
+                 "test_finetune.py", "test_tangent.py", "test_theory.py",
+                 "test_merging_ties.py", "test_models.py", "test_merging_breadcrumbs.py",
+                 "test_clip_model.py", "test_hessian.py", "test_clip_convert.py",
+                 "test_merging_parity_refs.py")
 
 
 def _file_rank(item):
