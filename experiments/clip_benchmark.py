@@ -157,11 +157,11 @@ def wire_data_and_merging(config) -> tuple[LoadSplit, dict[str, MergeFn]]:
     density = float(config.get("ties_density", 0.2))
     drop = float(config.get("dare_drop_rate", 0.5))
     table = {
-        "task_arithmetic": lambda base, taus, a: merging.task_arithmetic(base, taus, a),
+        "task_arithmetic": lambda base, taus, a: merging.task_arithmetic(base, taus, alpha=a),
         "ties": lambda base, taus, a: merging.ties(base, taus, density=density, alpha=a),
         "dare": lambda base, taus, a: merging.task_arithmetic(
             base, [merging.dare(t, drop_rate=drop, key=jax.random.fold_in(key, i))
-                   for i, t in enumerate(taus)], a),
+                   for i, t in enumerate(taus)], alpha=a),
         "breadcrumbs": lambda base, taus, a: merging.breadcrumbs(base, taus, alpha=a),
     }
     unknown = set(config.methods) - set(table)

@@ -49,7 +49,7 @@ def test_task_wise_adamerging_decreases_the_entropy():
     for i in (0, 10, 25):
         np.testing.assert_allclose(result.losses[i], _objective(result.history[i]),
                                    rtol=1e-12)
-    expected = M.task_arithmetic(base, taus, result.coefficients)
+    expected = M.task_arithmetic(base, taus, alpha=result.coefficients)
     for k in ("w1", "b1", "w2"):
         np.testing.assert_allclose(result.params[k], expected[k], rtol=1e-13)
     assert int(result.params["step"]) == 7
@@ -101,7 +101,7 @@ def test_ties_masked_task_vectors_sum_to_ties_and_adamerging_learns_over_them():
     base, taus, inputs = _problem()
     masked = M.ties_masked_task_vectors(taus, density=0.4)
     ties = M.ties(base, taus, density=0.4, merge="sum")
-    summed = M.task_arithmetic(base, masked, 1.0)
+    summed = M.task_arithmetic(base, masked, alpha=1.0)
     for k in ("w1", "b1", "w2"):
         np.testing.assert_allclose(summed[k], ties[k], rtol=1e-13, atol=1e-15)
         assert float(jnp.mean(masked[0][k] != 0)) < 0.9       # masks removed entries

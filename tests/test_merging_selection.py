@@ -63,7 +63,7 @@ def test_consensus_keeps_entries_used_by_at_least_k_tasks():
         assert out["step"] == 2
     # k = 0 is task arithmetic, k > T the base
     np.testing.assert_allclose(M.consensus(base, taus, min_tasks=0)["v"],
-                               M.task_arithmetic(base, taus, 1.0)["v"], **TOL)
+                               M.task_arithmetic(base, taus, alpha=1.0)["v"], **TOL)
     # a supplied multi-task vector (e.g. TIES) is what gets masked
     other = {"v": rand(11, 40), "step": None}
     out = M.consensus(base, taus, min_tasks=1, multitask_vector=other)
