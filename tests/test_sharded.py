@@ -323,6 +323,54 @@ def test_model_stock_of_sharded_models_equals_the_unsharded_one_to_rounding():
                         rtol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", [1.0, 0.9])
+def test_regmean_of_sharded_models_equals_the_unsharded_merge_bit_for_bit(reduction):
+    # Each kernel and its Gram are gathered for the solve inside the leaf's program; the
+    # merged kernel comes back laid out like the input's (before: ShardingTypeError).
+    (base, taus), (sbase, staus) = _merge_inputs()
+    mesh = staus[0]["w"].sharding.mesh
+    rng = np.random.default_rng(1)
+    grams = []
+    for _ in taus:
+        g = {k: None for k in _MERGE_SHAPES}
+        for k in ("w", "d", "r"):
+            x = rng.normal(size=(9, _MERGE_SHAPES[k][0][0]))
+            g[k] = (x.T @ x).astype(base[k].dtype)
+        grams.append(g)
+    sgrams = [{k: None if v is None else jax.device_put(
+        v, NamedSharding(mesh, P("a") if k != "r" else P())) for k, v in g.items()}
+        for g in grams]
+    want = tvj.merging.regmean(_finetuned(base, taus), grams, reduction=reduction)
+    got = tvj.merging.regmean(_finetuned(sbase, staus), sgrams, reduction=reduction)
+    _assert_merged_like(got, want, staus)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_adamerging_on_sharded_task_vectors_equals_the_unsharded_run_to_rounding(
+        granularity):
+    # The logits' matmul contracts w's sharded axis: its blocks are summed in another
+    # order than on one device, so steps agree to float32 rounding, and the merged
+    # model is laid out like the inputs.
+    (base, taus), (sbase, staus) = _merge_inputs()
+    rng = np.random.default_rng(2)
+    inputs = [rng.normal(size=(12, 16)).astype(np.float32) for _ in taus]
+
+    mix = rng.normal(size=(5, 12))
+
+    def apply_fn(p, x):    # both sharded kernels shape the logits (float32 and float64)
+        return x @ p["w"] + (x[:, :8] @ p["d"] @ mix).astype(jnp.float32)
+
+    def run(b, ts):
+        return tvj.merging.adamerging(b, ts, apply_fn, inputs, granularity=granularity,
+                                      num_steps=4, optimizer=optax.adam(1e-2),
+                                      batch_size=8, key=jax.random.key(3))
+    want, got = run(base, taus), run(sbase, staus)
+    _assert_merged_like(got.params, want.params, staus, rtol=2e-6)
+    for g, w in zip(jax.tree.leaves(got.coefficients), jax.tree.leaves(want.coefficients)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-6, atol=2e-6)
+    assert float(jnp.abs(want.losses[-1] - want.losses[0])) > 0     # the steps moved
+
+
 def test_task_interference_of_sharded_task_vectors_equals_the_unsharded_one():
     (_, taus), (_, staus) = _merge_inputs()
     want = tvj.merging.task_interference(taus, reduce=False)

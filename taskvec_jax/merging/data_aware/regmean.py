@@ -113,14 +113,16 @@ def _regmean_jit(models, grams, *, reduction):
             jnp.result_type(x, *[g[i] for g in gram_leaves]))
         lhs = rhs = None
         for t in range(num):
-            g = gram_leaves[t][i].astype(adt)
+            # The solve needs whole matrices: a kernel and its Gram sharded over a mesh
+            # are gathered inside this program, the merged kernel laid out like the input.
+            g = _common.gathered(gram_leaves[t][i]).astype(adt)
             if reduction != 1.0:
                 g = reduction * g + (1.0 - reduction) * jnp.diag(jnp.diag(g))
-            term = jnp.matmul(g, model_leaves[t][i].astype(adt),
+            term = jnp.matmul(g, _common.gathered(model_leaves[t][i]).astype(adt),
                               precision=jax.lax.Precision.HIGHEST)
             lhs = g if lhs is None else lhs + g
             rhs = term if rhs is None else rhs + term
-        out.append(jnp.linalg.solve(lhs, rhs).astype(x.dtype))
+        out.append(_common.laid_out_like(jnp.linalg.solve(lhs, rhs).astype(x.dtype), x))
     return jax.tree.unflatten(treedef, out)
 
 
