@@ -266,6 +266,12 @@ _MERGES = {
                                                    key=jax.random.PRNGKey(3)),
     "dare_task_arithmetic": lambda b, ts: tvj.merging.dare_task_arithmetic(
         b, ts, alpha=0.3, drop_rate=0.4, key=jax.random.key(5)),
+    # Keys of other implementations draw with jax.random.bernoulli over the whole leaf,
+    # partitioned by XLA like the inputs.
+    "dare_rbg_key": lambda b, ts: tvj.merging.dare(ts[2], drop_rate=0.4,
+                                                   key=jax.random.key(3, impl="rbg")),
+    "dare_task_arithmetic_unsafe_rbg_key": lambda b, ts: tvj.merging.dare_task_arithmetic(
+        b, ts, alpha=0.3, drop_rate=0.4, key=jax.random.key(5, impl="unsafe_rbg")),
     "task_arithmetic": lambda b, ts: tvj.merging.task_arithmetic(b, ts, alpha=[1.0, -0.5, 2.0]),
     # soups and geometric merges of the finetuned models base + tau_t (elementwise, and
     # per-leaf or whole-tree norms and dot products)
