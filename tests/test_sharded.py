@@ -320,6 +320,18 @@ def test_sharded_merge_equals_the_unsharded_merge_bit_for_bit(method):
     _assert_merged_like(_MERGES[method](sbase, staus), _MERGES[method](base, taus), staus)
 
 
+@pytest.mark.parametrize("method", ["ties_global", "ties_row", "breadcrumbs_row",
+                                    "breadcrumbs_global", "trim_leaf", "dare_task_arithmetic"])
+def test_sharded_merge_under_an_outer_jit_equals_the_unsharded_one_bit_for_bit(method):
+    # Traced leaves whose types carry Explicit mesh axes take the per-device programs
+    # inside the caller's program (before: the rankings raised ShardingTypeError or a
+    # "resource axis not found" ValueError); compared with the same jit of unsharded
+    # inputs, as jitted and eager programs may round fused expressions differently.
+    (base, taus), (sbase, staus) = _merge_inputs()
+    merge = jax.jit(_MERGES[method])
+    _assert_merged_like(merge(sbase, staus), merge(base, taus), staus)
+
+
 def test_model_stock_of_sharded_models_equals_the_unsharded_one_to_rounding():
     # Model Stock's cosines sum over the devices' blocks, in another order than on one
     # device: equal to float32 rounding, laid out like the inputs.

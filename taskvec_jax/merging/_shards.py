@@ -11,10 +11,12 @@ from the counter of its position in the whole leaf. Results therefore equal the
 unsharded merge's exactly, and each device holds only its blocks of the ``T`` task
 vectors, the base and the output, plus one leaf block's transients at a time.
 
-Left to the merges' ordinary programs (GSPMD partitions them; their selection may gather
-leaves): trees with no leaf split over more than one device, traced inputs (under an
-outer ``jax.jit`` the caller's program decides the layout), and DARE with a non-threefry
-key or a leaf of ``2**32`` entries or more.
+Traced inputs (under an outer ``jax.jit``) take these programs too when their types
+carry their sharding (mesh axes of type Explicit); the programs then run inside the
+caller's. Left to the merges' ordinary programs (GSPMD partitions them; their selection
+may gather leaves): trees with no leaf split over more than one device, traced inputs
+under Auto mesh axes (the caller's program decides their layout later), and DARE with a
+non-threefry key or a leaf of ``2**32`` entries or more.
 """
 
 from __future__ import annotations
@@ -115,6 +117,22 @@ def _axes(entry) -> tuple[str, ...]:
     return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
+_UNKNOWN = object()
+
+
+def _sharding(x: Any) -> Any:
+    """A concrete array's sharding; a traced value's when its type carries one (mesh axes
+    of type Explicit), else ``_UNKNOWN`` (under Auto axes the caller's program lays it out
+    later)."""
+    if not isinstance(x, jax.core.Tracer):
+        return getattr(x, "sharding", None)
+    sharding = jax.typeof(x).sharding
+    if (isinstance(sharding, NamedSharding) and not sharding.mesh.empty
+            and all(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)):
+        return sharding
+    return _UNKNOWN
+
+
 def layout(tree: PyTree) -> Layout | None:
     """The :class:`Layout` of ``tree``, or ``None`` when it should be merged by the
     ordinary programs (see the module docstring).
@@ -126,11 +144,11 @@ def layout(tree: PyTree) -> Layout | None:
     paths = _common.leaf_paths(tree)
     mesh = mesh_path = None
     for path, x in zip(paths, leaves):
-        if isinstance(x, jax.core.Tracer):
-            return None
         if not _common.is_param(x):
             continue
-        sharding = getattr(x, "sharding", None)
+        sharding = _sharding(x)
+        if sharding is _UNKNOWN:
+            return None
         if (isinstance(sharding, NamedSharding) and sharding.mesh.size > 1
                 and not sharding.is_fully_replicated):
             if mesh is None:
@@ -148,7 +166,7 @@ def layout(tree: PyTree) -> Layout | None:
             specs.append(P())
             shards.append(None)
             continue
-        sharding = getattr(x, "sharding", None)
+        sharding = _sharding(x)
         spec = (sharding.spec if isinstance(sharding, NamedSharding)
                 and sharding.mesh == mesh else P())
         axes = tuple(_axes(e) for e in tuple(spec) + (None,) * (jnp.ndim(x) - len(spec)))

@@ -222,13 +222,13 @@ def dare_task_arithmetic(base: PyTree, task_vectors: Sequence[PyTree], *,
     _check_drop_rate(drop_rate)
     rescale = bool(rescale)
     task_vectors = tuple(task_vectors)
-    if _common.is_traced((base, task_vectors, alphas, drop_rate, key)):
+    lay = _sharded_layout(task_vectors[0], key)
+    if lay is None and _common.is_traced((base, task_vectors, alphas, drop_rate, key)):
         return _dare_task_arithmetic(base, task_vectors, alphas, drop_rate, key,
                                      rescale=rescale)
-    # Eagerly: one program per leaf, shared by the leaves of one shape and layout (the
-    # leaf's index is an argument): T hashes written out per program compile in seconds,
-    # where one program for a 150-leaf tree took minutes.
-    lay = _sharded_layout(task_vectors[0], key)
+    # Eagerly (or sharded): one program per leaf, shared by the leaves of one shape and
+    # layout (the leaf's index is an argument): T hashes written out per program compile
+    # in seconds, where one program for a 150-leaf tree took minutes.
     index = {path: i for i, path in enumerate(_common.leaf_paths(base))}
 
     def merge_leaf(path, b, xs, alphas):

@@ -66,9 +66,9 @@ def breadcrumbs(base: PyTree, task_vectors: Sequence[PyTree], *, density: float 
     _common.check_finite(task_vectors)
     alphas = _common.per_task_alpha(alpha, len(task_vectors))
     options = dict(density=density, outliers=outliers, scope=scope)
-    if _common.is_traced((base, task_vectors, alphas)):
-        return _breadcrumbs_graph(base, tuple(task_vectors), alphas, **options)
     lay = _shards.layout(task_vectors[0])
+    if lay is None and _common.is_traced((base, task_vectors, alphas)):
+        return _breadcrumbs_graph(base, tuple(task_vectors), alphas, **options)
     if lay is not None:     # each device merges its blocks (see _shards)
         leaves = [_common.flatten(tv)[0] for tv in task_vectors]
         thresholds = _shards.thresholds(leaves, lay, density, outliers, scope)

@@ -118,9 +118,9 @@ def _ties(task_vectors, alphas, base, scale, *, density, scope, merge, consensus
     accumulator is stored. Under an outer ``jax.jit`` both run in the caller's program.
     """
     options = dict(density=density, scope=scope, merge=merge, consensus=consensus)
-    if _common.is_traced((task_vectors, alphas, base, scale)):
-        return _ties_graph(task_vectors, alphas, base, scale, **options)
     lay = _shards.layout(task_vectors[0])
+    if lay is None and _common.is_traced((task_vectors, alphas, base, scale)):
+        return _ties_graph(task_vectors, alphas, base, scale, **options)
     if lay is not None:     # each device merges its blocks (see _shards)
         thresholds = thr_specs = None
         if density < 1.0:
