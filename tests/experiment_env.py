@@ -19,12 +19,13 @@ experiment and notebook processes, which run on one device. What it sets, and wh
   XLA's default compilation.
 
   The 8-device process also caps the instruction set at AVX (``--xla_cpu_max_isa=AVX``,
-  no FMA instructions; x86 only, the flag names x86 extensions): there a sharded merge's program runs on blocks whose sizes are
-  not multiples of the vector width, and the loop emitters contracted ``acc + alpha * x``
-  into a fused multiply-add in some lanes and not in others (an entry of
-  ``dare_task_arithmetic`` came out -3.97e-09 instead of 0), so the sharded merge was no
-  longer bit for bit the unsharded one, which tests/test_sharded.py asserts (and which
-  holds under XLA's default compilation too). Without FMA nothing is contracted.
+  no FMA instructions; x86 only, the flag names x86 extensions): there a sharded merge's
+  program runs on blocks whose sizes are not multiples of the vector width, and the loop
+  emitters contracted ``acc + alpha * x`` into a fused multiply-add in some lanes and not
+  in others (an entry of ``dare_task_arithmetic`` came out -3.97e-09 instead of 0), so the
+  sharded merge was no longer bit for bit the unsharded one, which tests/test_sharded.py
+  asserts (and which holds under XLA's default compilation too). Without FMA nothing is
+  contracted.
 
   History: under the loop emitters the 256-model sweep of tests/test_theory_bound.py
   once deadlocked: two batched LAPACK SVDs (one per layer) ran at once on the two
@@ -48,15 +49,15 @@ This module must not import JAX: conftest imports it before JAX reads its config
 import os
 import platform
 
-__all__ = ["ROOT", "CACHE_DIR", "FAST_COMPILE_FLAGS", "LOOP_EMITTER_FLAGS", "NO_FMA_FLAGS",
-           "xla_flags", "jax_env", "subprocess_env"]
+__all__ = ["ROOT", "CACHE_DIR", "FAST_COMPILE_FLAGS", "NO_FMA_FLAGS", "xla_flags", "jax_env",
+           "subprocess_env"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_DIR = (os.environ.get("TVJ_TEST_CACHE_DIR")
              or os.path.join(ROOT, "results", ".jax_test_cache"))
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
-                      "--xla_llvm_disable_expensive_passes=true")
-LOOP_EMITTER_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+                      "--xla_llvm_disable_expensive_passes=true",
+                      "--xla_cpu_use_fusion_emitters=false")
 # The 8-device process only (see above).
 NO_FMA_FLAGS = ("--xla_cpu_max_isa=AVX",)
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -70,11 +71,10 @@ def xla_flags(devices: int | None = None, base: str | None = None) -> str:
     Idempotent: a child process re-deriving its flags from its parent's gets the same ones
     (with its own device count)."""
     base = os.environ.get("XLA_FLAGS", "") if base is None else base
-    ours = {flag.split("=")[0]
-            for flag in FAST_COMPILE_FLAGS + LOOP_EMITTER_FLAGS + NO_FMA_FLAGS}
+    ours = {flag.split("=")[0] for flag in FAST_COMPILE_FLAGS + NO_FMA_FLAGS}
     flags = [f for f in base.split() if f.split("=")[0] not in ours | {_DEVICE_FLAG}]
     if os.environ.get("TVJ_TEST_FAST_COMPILE", "1") != "0":
-        flags += FAST_COMPILE_FLAGS + LOOP_EMITTER_FLAGS
+        flags += FAST_COMPILE_FLAGS
         if devices and platform.machine().lower() in ("x86_64", "amd64"):
             flags += NO_FMA_FLAGS
     if devices:
