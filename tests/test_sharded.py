@@ -285,7 +285,7 @@ _MERGES = {
     "iso_c": lambda b, ts: tvj.merging.iso_c(b, ts, alpha=[0.7, 0.2, -1.0]),
     "iso_cts": lambda b, ts: tvj.merging.iso_cts(b, ts, common_space_fraction=0.5),
     "tsv": lambda b, ts: tvj.merging.tsv(b, ts, alpha=0.6),
-    # elementwise merges, and DELLA (each leaf gathered for its ranking sort)
+    # elementwise merges, and DELLA (its rankings on the blocks: _shards.group_ranks)
     "magmax": lambda b, ts: tvj.merging.magmax(b, ts, alpha=0.5),
     "consensus": lambda b, ts: tvj.merging.consensus(b, ts, mask_lambda=0.3),
     "tall_masks": lambda b, ts: tvj.merging.tall_masks(ts, mask_lambda=0.3)[1],
@@ -293,6 +293,8 @@ _MERGES = {
                                              alpha=0.8, weights=[0.7, 0.2, 1.0]),
     "della_linear_probability": lambda b, ts: tvj.merging.della_linear(
         b, ts, key=jax.random.key(4), density=0.4, epsilon=0.1, rescale="probability"),
+    "della_keep_probabilities": lambda b, ts: tvj.merging.della_keep_probabilities(
+        ts[1], density=0.6, epsilon=0.2),
 }
 
 
@@ -451,6 +453,44 @@ def test_sharded_merges_never_gather_a_leaf(monkeypatch):
                      and isinstance(x.sharding, NamedSharding))
         assert compiled.memory_analysis().argument_size_in_bytes <= blocks + 64, fn.__name__
     assert any(fn.__name__ == "_local_thresholds" for fn, *_ in calls)
+
+
+def test_sharded_della_ranks_on_the_blocks_and_never_gathers_a_leaf():
+    # DELLA ranks whole columns (or a whole leaf): each device sorts its block and the
+    # group's other blocks visit in a ring, as integer pairs (magnitude bits, position).
+    # Its whole program (jitted as one) moves no parameter value between devices but the
+    # L1 rescaling's scalar sums, and the merge equals the unsharded one bit for bit
+    # (test_sharded_merge_equals_the_unsharded_merge_bit_for_bit).
+    _, (sbase, staus) = _merge_inputs()
+    for method in ("della", "della_linear_probability", "della_keep_probabilities"):
+        text = jax.jit(_MERGES[method]).lower(sbase, staus).compile().as_text()
+        for op in ("all-gather", "all-to-all", "reduce-scatter"):
+            assert op not in text, (method, op)
+        permuted = re.findall(r"= \(?(\w+)\[[^\]]*\][^=]*? collective-permute(?:-start)?\(",
+                              text)
+        # "w" ranks over the 4 devices of its rows' axis, "b" over all 8
+        assert permuted and set(permuted) <= {"s32", "s64"}, (method, permuted)
+        reduced = re.findall(r"= \(?(\w+\[[^\]]*\])[^=]*? all-reduce(?:-start)?\(", text)
+        assert all(r.endswith("[]") for r in reduced), (method, reduced)
+
+
+@pytest.mark.parametrize("spec", [P("a", "b"), P("b", "a"), P(("a", "b"), None),
+                                  P(None, ("b", "a"))])
+@pytest.mark.parametrize("split", [1, None])
+def test_group_ranks_on_blocks_equal_a_stable_argsort(spec, split):
+    # every layout of a matrix over both axes, ranked by columns and as a whole, with
+    # magnitudes on a coarse grid (most entries tie: the position order decides)
+    from taskvec_jax.merging import _shards
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    x = np.round(np.random.default_rng(1).normal(size=(16, 8)) * 2) / 2
+    x = x.astype(np.float32)
+    groups = np.abs(x) if split else np.abs(x).reshape(-1, 1)
+    want = np.argsort(np.argsort(groups, axis=0, kind="stable"), axis=0).reshape(x.shape)
+    sx = jax.device_put(x, NamedSharding(mesh, spec))
+    got = jax.jit(lambda v: _shards.group_ranks(v, split))(sx)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert got.sharding.is_equivalent_to(sx.sharding, 2)
+    assert _shards.group_ranks(jnp.asarray(x), split) is None      # unsharded: the sort
 
 
 def test_sharded_breadcrumbs_releases_each_leafs_thresholds_once_merged(monkeypatch):

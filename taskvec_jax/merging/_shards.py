@@ -33,8 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from taskvec_jax.merging import _common, _select
 
-__all__ = ["Layout", "Shards", "band", "layout", "run", "threshold_specs", "thresholds",
-           "tree_specs"]
+__all__ = ["Layout", "Shards", "band", "group_ranks", "layout", "run", "threshold_specs",
+           "thresholds", "tree_specs"]
 
 PyTree = Any
 
@@ -297,3 +297,89 @@ def band(task_vector: PyTree, lay: Layout, density: float, outliers: float, scop
     return run(_band, lay, (task_vector, thr),
                (specs, threshold_specs(leaves, lay, outliers, scope)), specs,
                scope=scope, shards=lay.shards, masks_only=masks_only)
+
+
+# --------------------------------------------------------------------------- ranks
+
+def _count_below(smag, spos, qmag, qpos):
+    """Per row, how many of the sorted pairs ``(smag, spos)`` (``[c, m]``, ascending in
+    the lexicographic order) lie below each query pair (``[c, q]``): a binary search,
+    vectorized over the queries (``m.bit_length()`` halvings, one loop body)."""
+    m = smag.shape[1]
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        at = jnp.minimum(mid, m - 1)
+        am = jnp.take_along_axis(smag, at, axis=1)
+        ap = jnp.take_along_axis(spos, at, axis=1)
+        below = (am < qmag) | ((am == qmag) & (ap < qpos))
+        open_ = mid < hi
+        return (jnp.where(open_ & below, mid + 1, lo), jnp.where(open_ & ~below, mid, hi))
+
+    bounds = (jnp.zeros(qmag.shape, jnp.int32), jnp.full(qmag.shape, m, jnp.int32))
+    return lax.fori_loop(0, m.bit_length(), halve, bounds)[0]
+
+
+def _group_ranks_block(xb, *, shards, split):
+    """The body of :func:`group_ranks` on one device's block."""
+    dims = len(shards.shape)
+    rdims = list(range(dims if split is None else split))
+    local = shards.local_shape
+    rows = math.prod(local[d] for d in rdims)
+    v = xb.reshape(rows, -1)
+    # the position of each local row in its group: its row-major index over the leaf's
+    # row dimensions (all of them for a whole-leaf group)
+    r = jnp.arange(rows, dtype=jnp.int32)
+    pos = jnp.zeros((rows,), jnp.int32)
+    stride = 1
+    for d in reversed(rdims):
+        pos = pos + (r % local[d] + shards._offset(d, jnp.int32)) * stride
+        r = r // local[d]
+        stride *= shards.shape[d]
+    vt = v.T                                 # groups as rows: sorts run along the last axis
+    bits = jnp.dtype(f"int{8 * vt.dtype.itemsize}")
+    mag = lax.bitcast_convert_type(jnp.abs(vt), bits)
+    pos = jnp.broadcast_to(pos[None, :], vt.shape)
+    smag, spos = lax.sort((mag, pos), dimension=1, num_keys=2, is_stable=False)
+    rank = _count_below(smag, spos, mag, pos)
+    axes = tuple(a for a, _ in shards.axis_sizes if a in {n for d in rdims
+                                                          for n in shards.axes[d]})
+    ring = math.prod(dict(shards.axis_sizes)[a] for a in axes)
+    perm = [(i, (i + 1) % ring) for i in range(ring)]
+
+    def visit(_, carry):                     # the group's other blocks visit in turn
+        smag, spos, rank = carry
+        smag, spos = lax.ppermute((smag, spos), axes, perm)
+        return smag, spos, rank + _count_below(smag, spos, mag, pos)
+
+    if ring > 1:
+        rank = lax.fori_loop(0, ring - 1, visit, (smag, spos, rank))[2]
+    return rank.T.reshape(local)
+
+
+def group_ranks(x: jax.Array, split: int | None) -> jax.Array | None:
+    """Inside a traced program: each entry's rank (int32, 0 = the smallest) in its group,
+    ordered by ``(|x|, position)`` as a stable argsort of the magnitudes, laid out like
+    ``x`` and computed on its blocks; ``None`` when ``x``'s type carries no split over an
+    Explicit mesh axis (the caller then ranks the whole leaf).
+
+    Groups: the columns of ``as_matrix(x, split)`` (positions = rows), or the whole leaf
+    for ``split=None`` (positions = row-major). Each device sorts its block's pairs of
+    magnitude bits and positions, then the blocks of a group's other devices pass by in
+    a ring (``lax.ppermute`` of those integer pairs, one block at a time) and each device
+    counts by binary search the pairs below each of its entries: the ranks are exact,
+    and a device holds its block and one visiting block, never the whole leaf.
+    """
+    sharding = _sharding(x)
+    if (sharding is _UNKNOWN or not isinstance(sharding, NamedSharding)
+            or all(e is None for e in sharding.spec)
+            or jnp.size(x) >= 2 ** 31):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (jnp.ndim(x) - len(sharding.spec))
+    shards = Shards(tuple(jnp.shape(x)), tuple(_axes(e) for e in spec),
+                    tuple(sharding.mesh.shape.items()))
+    pspec = P(*spec)
+    body = functools.partial(_group_ranks_block, shards=shards, split=split)
+    return jax.shard_map(body, mesh=sharding.mesh, in_specs=pspec, out_specs=pspec,
+                         check_vma=False)(x)

@@ -21,13 +21,14 @@ program (cached by shape), and every function is jittable as a whole.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from taskvec_jax import tree as tree_lib
-from taskvec_jax.merging import _common, _leafwise
+from taskvec_jax.merging import _common, _leafwise, _shards
 from taskvec_jax.merging.matrices import (
     MatrixRule,
     as_matrix,
@@ -315,14 +316,15 @@ def _check_della(density, epsilon, rescale):
 
 def _probs(x, split, density, epsilon):
     """Keep probabilities ``(d - eps) + 2 eps * rank / (n - 1)`` over each ranking group,
-    laid out as ``x``. A sort ranks along an unsharded axis only, and DELLA ranks whole
-    columns (or a whole leaf), so a sharded leaf is gathered for the ranking (once per task
-    it prunes: up to ``T`` copies of one leaf per device; docs/merging.md)."""
-    like, x = x, _common.gathered(x)
-    v = x.reshape(-1, 1) if split is None else as_matrix(x, split)
-    n = v.shape[0]
+    laid out as ``x``. A leaf split over Explicit mesh axes is ranked on its blocks
+    (:func:`taskvec_jax.merging._shards.group_ranks`: the group's blocks pass each
+    device in a ring, no leaf is gathered); any other leaf by one sort."""
+    n = math.prod(x.shape if split is None else x.shape[:split])
+    rank = None if n == 1 else _shards.group_ranks(x, split)
     if n == 1:                 # one entry per group: the middle of the band
-        rank_norm = jnp.full(v.shape, 0.5, x.dtype)
+        rank_norm = jnp.full(x.shape, 0.5, x.dtype)
+    elif rank is not None:
+        rank_norm = rank.astype(x.dtype) / (n - 1)
     else:
         # Groups as rows (XLA's CPU sort is faster along the last axis), then the inverse
         # permutation by one scatter (a second sort would cost as much as the first).
@@ -330,7 +332,10 @@ def _probs(x, split, density, epsilon):
         # non-negative floats, NaN above inf as in argsort) paired with the position: the
         # lexicographic (magnitude, position) order is the stable order, and XLA:CPU
         # compares integers faster than floats (argsort's comparator handles NaN and -0).
-        vt = v.T
+        # A sort runs along an unsharded axis only: a leaf split over mesh axes and too
+        # large for group_ranks' int32 positions is gathered.
+        whole = _common.gathered(x)
+        vt = (whole.reshape(-1, 1) if split is None else as_matrix(whole, split)).T
         bits = jnp.dtype(f"int{8 * vt.dtype.itemsize}")
         mag = jax.lax.bitcast_convert_type(jnp.abs(vt), bits)
         pos = jax.lax.broadcasted_iota(jnp.int32, vt.shape, 1)
@@ -338,9 +343,9 @@ def _probs(x, split, density, epsilon):
         rows = jnp.arange(vt.shape[0])[:, None]
         rank = jnp.zeros(vt.shape, jnp.int32).at[rows, order].set(
             jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], vt.shape))
-        rank_norm = rank.T.astype(x.dtype) / (n - 1)
-    p = (density - epsilon) + rank_norm * (2 * epsilon)
-    return _common.laid_out_like(p.reshape(x.shape), like)
+        rank_norm = _common.laid_out_like(
+            (rank.T.astype(x.dtype) / (n - 1)).reshape(x.shape), x)
+    return (density - epsilon) + rank_norm * (2 * epsilon)
 
 
 def _prune(x, u, split, density, epsilon, rescale):
@@ -362,8 +367,11 @@ def _prune(x, u, split, density, epsilon, rescale):
 
 
 def _uniforms(key, t, i, x, dtype):
+    # drawn where x's blocks are (threefry's bits do not depend on the layout)
+    sharding = jax.typeof(x).sharding
+    out = None if sharding.mesh.empty or all(e is None for e in sharding.spec) else sharding
     return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, t), i),
-                              jnp.shape(x), dtype)
+                              jnp.shape(x), dtype, out_sharding=out)
 
 
 @functools.partial(jax.jit, static_argnames=("split", "density", "epsilon"))
