@@ -50,7 +50,7 @@ taus = [tree(t + 1, 1e-3) for t in range(num_tasks)]
 model_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
 share = model_bytes / devices
 
-import math, re, weakref
+import math, weakref
 calls = []
 outputs = []     # weak references to every program's outputs, with their bytes per device
 run = _shards.run
@@ -74,23 +74,7 @@ def recording(fn, lay, args, in_specs, out_specs, **static):
     return result
 _shards.run = recording
 
-from taskvec_jax.merging import selection
-della_leaf = selection._della_leaf
-
-def recording_della(*args, **static):
-    # DELLA's leaf programs are jitted on the sharded leaves (their rankings run on the
-    # blocks inside, _shards.group_ranks), recorded like shard_map's programs
-    alive = sum(nbytes for ref, nbytes in outputs if ref() is not None)
-    calls.append((della_leaf, None, jax.tree.map(abstract, args), None, None, static,
-                  alive))
-    result = della_leaf(*args, **static)
-    outputs.extend((weakref.ref(x), per_device(x)) for x in jax.tree.leaves(result))
-    return result
-selection._della_leaf = recording_della
-
 def analysed(fn, lay, args, in_specs, out_specs, static):
-    if lay is None:
-        return fn.lower(*args, **static).compile()
     return _shards._run.lower(args, fn=fn, mesh=lay.mesh,
                               in_specs=_shards._Frozen(tuple(in_specs)),
                               out_specs=_shards._Frozen(out_specs),
@@ -104,7 +88,6 @@ methods = {
     "ties_global": lambda: M.ties(base, taus, alpha=0.3, density=0.2),
     "ties_leaf": lambda: M.ties(base, taus, alpha=0.3, density=0.2, scope="leaf"),
     "breadcrumbs": lambda: M.breadcrumbs(base, taus, alpha=0.3),
-    "della": lambda: M.della(base, taus, key=jax.random.key(2), density=0.5, alpha=0.3),
 }
 rows = {}
 for name, merge in methods.items():
@@ -121,7 +104,7 @@ for name, merge in methods.items():
         for c in calls:
             shapes_of = tuple((jnp.shape(x), str(jnp.result_type(x)))
                               for x in jax.tree.leaves(c[2]))
-            options = sorted((k, v) for k, v in c[5].items() if k not in ("indices", "index"))
+            options = sorted((k, v) for k, v in c[5].items() if k != "indices")
             key = (c[0], repr(c[3]), repr(options), shapes_of)
             distinct.setdefault(key, c)
             order.append((key, c[6]))
@@ -139,14 +122,11 @@ for name, merge in methods.items():
     text = "".join(c.as_text() for c in compiled)
     kept = all(out[k].sharding.is_equivalent_to(base[k].sharding, len(s))
                for k, s in shapes.items())
-    # what crosses devices: gathers of parameter values, or (DELLA's ring) integers
-    permuted = sorted(set(re.findall(r"= \(?(\w+)\[[^\]]*\][^=]*? collective-permute"
-                                     r"(?:-start)?\(", text)))
     rows[name] = {"peak_copies_per_device": num_tasks + 1 + max(per_program),
                   "programs": len(calls) or 1, "distinct_programs": len(compiled),
                   "largest_program": max(per_program),
                   "gathers": sum(text.count(op) for op in ("all-gather", "all-to-all")),
-                  "output_sharded_like_input": kept, "permuted_dtypes": permuted}
+                  "output_sharded_like_input": kept}
 print(json.dumps({"rows": rows, "platform": jax.devices()[0].platform,
                   "model_bytes": model_bytes}))
 """
@@ -192,7 +172,6 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             # judged to 1e-3 copies: the thresholds and coefficients the programs also
             # hold are kilobytes (3e-5 copies here), not model-sized
             "ok": bool(peak <= goal + 1e-3 and r["gathers"] == 0
-                       and set(r["permuted_dtypes"]) <= {"s32", "s64", "u32", "u64"}
                        and r["output_sharded_like_input"]),
             "extra": r})
     return out
