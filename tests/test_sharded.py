@@ -478,7 +478,7 @@ def test_sharded_della_ranks_on_the_blocks_and_never_gathers_a_leaf():
                                   P(None, ("b", "a"))])
 @pytest.mark.parametrize("split", [1, None])
 def test_group_ranks_on_blocks_equal_a_stable_argsort(spec, split):
-    # every layout of a matrix over both axes, ranked by columns and as a whole, with
+    # four layouts of a matrix over both axes, ranked by columns and as a whole, with
     # magnitudes on a coarse grid (most entries tie: the position order decides)
     from taskvec_jax.merging import _shards
     mesh = jax.make_mesh((4, 2), ("a", "b"))

@@ -330,21 +330,16 @@ def _group_ranks_block(xb, *, shards, split):
     v = xb.reshape(rows, -1)
     # the position of each local row in its group: its row-major index over the leaf's
     # row dimensions (all of them for a whole-leaf group)
-    r = jnp.arange(rows, dtype=jnp.int32)
-    pos = jnp.zeros((rows,), jnp.int32)
-    stride = 1
-    for d in reversed(rdims):
-        pos = pos + (r % local[d] + shards._offset(d, jnp.int32)) * stride
-        r = r // local[d]
-        stride *= shards.shape[d]
+    row_shards = Shards(shards.shape[:len(rdims)], shards.axes[:len(rdims)],
+                        shards.axis_sizes)
+    pos = row_shards.flat_position(jnp.arange(rows, dtype=jnp.int32))
     vt = v.T                                 # groups as rows: sorts run along the last axis
     bits = jnp.dtype(f"int{8 * vt.dtype.itemsize}")
     mag = lax.bitcast_convert_type(jnp.abs(vt), bits)
     pos = jnp.broadcast_to(pos[None, :], vt.shape)
     smag, spos = lax.sort((mag, pos), dimension=1, num_keys=2, is_stable=False)
     rank = _count_below(smag, spos, mag, pos)
-    axes = tuple(a for a, _ in shards.axis_sizes if a in {n for d in rdims
-                                                          for n in shards.axes[d]})
+    axes = row_shards.reduce_axes()          # the devices holding the group's other blocks
     ring = math.prod(dict(shards.axis_sizes)[a] for a in axes)
     perm = [(i, (i + 1) % ring) for i in range(ring)]
 
